@@ -1,0 +1,5 @@
+import sys
+
+from fdfast.cli import main
+
+sys.exit(main())
