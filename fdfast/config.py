@@ -166,7 +166,8 @@ def _coerce(value, tp, name: str):
         try:
             out = tp(value)
         except (TypeError, ValueError):
-            raise FDFastError(f"config key {name!r} needs a {tp.__name__}, got {value!r}") from None
+            what = "a whole number" if tp is int else "a number"
+            raise FDFastError(f"config key {name!r} needs {what}, got {value!r}") from None
         if tp is int and float(value) != out:
             raise FDFastError(f"config key {name!r} needs a whole number, got {value!r}")
         return out

@@ -1,0 +1,98 @@
+"""Scale-out in one place: torchrun init, DDP / FSDP2 wrapping, activation checkpointing, per-block compile.
+
+Applied by the trainer in a fixed order: activation checkpointing -> compile (per block) -> DDP / FSDP2.
+A plain ``python -m fdfast train`` (no torchrun) is a world of one and wraps nothing.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fdfast.errors import FDFastError
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FDFastError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+    if name not in ("cpu", "cuda"):
+        raise FDFastError(f"runtime.device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
+def init_distributed(device_name: str) -> DistInfo:
+    """Join the torchrun process group when launched by torchrun (WORLD_SIZE > 1); else a world of one."""
+    device = resolve_device(device_name)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo(device=device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device)
+
+
+def apply_activation_checkpointing(student: nn.Module) -> None:
+    """Recompute each block in backward (timm's own switch; the teacher runs without grad anyway)."""
+    if not hasattr(student, "set_grad_checkpointing"):
+        raise FDFastError(f"{type(student).__name__} has no activation-checkpointing switch")
+    student.set_grad_checkpointing(True)
+
+
+def compile_blocks(student: nn.Module) -> None:
+    """torch.compile each transformer block on its own: short compiles, reused across identical blocks."""
+    blocks = getattr(student, "blocks", None)
+    if blocks is None:
+        raise FDFastError(f"dist.compile: {type(student).__name__} has no .blocks to compile")
+    for i, block in enumerate(blocks):
+        blocks[i] = torch.compile(block)
+
+
+def wrap_distributed(distiller: nn.Module, strategy: str, info: DistInfo) -> nn.Module:
+    """DDP (replicated student) or FSDP2 (each block sharded) over the process group."""
+    if info.world_size == 1 or strategy == "none":
+        return distiller
+    if strategy in ("auto", "ddp"):
+        ids = [info.local_rank] if info.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(distiller, device_ids=ids)
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+        for block in distiller.student.blocks:
+            fully_shard(block)
+        fully_shard(distiller.student)
+        fully_shard(distiller.fd_loss)
+        return distiller
+    raise FDFastError(f"dist.strategy must be auto, none, ddp or fsdp, got {strategy!r}")
+
+
+def all_reduce_mean(value: float, info: DistInfo) -> float:
+    if info.world_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=info.device)
+    dist.all_reduce(t)
+    return t.item() / info.world_size
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,49 @@
+"""Config tree <-> YAML round trip, recipes, --set overrides, and errors that name the bad key."""
+import pytest
+import yaml
+
+from fdfast.config import Config, load_config, parse_override, recipe_names
+from fdfast.errors import FDFastError
+
+
+def test_round_trip_is_exact():
+    cfg = load_config("demo", {"optim.base_lr": 1e-4, "data.scale": [0.2, 1.0], "model.kwargs": {"qkv_bias": True}})
+    again = Config.from_dict(yaml.safe_load(cfg.to_yaml()))
+    assert again == cfg
+    assert again.data.scale == (0.2, 1.0) and again.optim.base_lr == 1e-4
+
+
+def test_every_recipe_loads():
+    assert "demo" in recipe_names()
+    for name in recipe_names():
+        cfg = load_config(name)
+        assert cfg.recipe == name and cfg.optim.steps >= 1
+
+
+def test_overrides_are_typed():
+    key, value = parse_override("optim.steps=12")
+    assert (key, value) == ("optim.steps", 12)
+    cfg = load_config("demo", dict([parse_override("runtime.progress=false"), parse_override("teacher.weights=a.pt")]))
+    assert cfg.runtime.progress is False and cfg.teacher.weights == "a.pt"
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"optim.stpes": 3}, r"unknown config key 'optim.stpes' \(did you mean 'steps'\?\)"),
+    ({"optm.steps": 3}, r"unknown config key 'optm' \(did you mean 'optim'\?\)"),
+    ({"optim.steps": "many"}, r"'optim.steps' needs a whole number, got 'many'"),
+    ({"optim.steps": 2.5}, r"whole number"),
+    ({"data.scale": [0.1]}, r"needs 2 values"),
+])
+def test_bad_keys_and_values_name_the_key(overrides, match):
+    with pytest.raises(FDFastError, match=match):
+        load_config("demo", overrides)
+
+
+def test_unknown_recipe_suggests_nearest():
+    with pytest.raises(FDFastError, match=r"unknown recipe 'dem'.*did you mean 'demo'"):
+        load_config("dem")
+
+
+def test_bad_override_syntax():
+    with pytest.raises(FDFastError, match="key=value"):
+        parse_override("optim.steps")

@@ -1,0 +1,56 @@
+"""The FD student: timm BEiT with ONE shared relative position bias, no absolute position embedding."""
+import pytest
+import torch
+from timm.models.beit import Beit
+
+from fdfast.config import ModelConfig
+from fdfast.errors import FDFastError
+from fdfast.models.student import build_student, build_vit_student, student_grid, student_tokens
+
+
+def test_tiny_student_is_the_papers_architecture():
+    m = build_vit_student("tiny", patch_size=16, img_size=64, drop_path=0.2)
+    assert isinstance(m, Beit)
+    assert m.pos_embed is None  # no absolute position embedding
+    assert m.rel_pos_bias is not None and all(b.attn.relative_position_bias_table is None
+                                              for b in m.blocks)  # per-block tables absent
+    # one table: ((2*4-1)*(2*4-1)+3) x heads, zero-initialised
+    table = m.rel_pos_bias.relative_position_bias_table
+    assert table.shape == (7 * 7 + 3, 3) and table.abs().sum() == 0
+    assert all(torch.allclose(b.gamma_1, torch.full_like(b.gamma_1, 0.1)) for b in m.blocks)  # layer scale 0.1
+    assert m.blocks[0].attn.q_bias is not None and m.blocks[0].attn.v_bias is not None
+    assert m.blocks[0].attn.k_bias.abs().sum() == 0 and not m.blocks[0].attn.k_bias.requires_grad
+    dps = [float(getattr(b.drop_path1, "drop_prob", 0.0)) for b in m.blocks]
+    assert dps[0] == 0.0 and abs(dps[-1] - 0.2) < 1e-6 and dps == sorted(dps)  # linear ramp
+    assert m.norm.eps == 1e-6
+
+
+def test_shared_table_is_really_shared():
+    torch.manual_seed(0)
+    m = build_vit_student("tiny", patch_size=16, img_size=48).eval()
+    x = torch.randn(2, 3, 48, 48)
+    out = student_tokens(m, x)
+    assert out.shape == (2, 1 + 9, 192)
+    out.sum().backward()
+    table = m.rel_pos_bias.relative_position_bias_table
+    assert table.grad is not None and table.grad.abs().sum() > 0  # every block's logits feed one table
+    with torch.no_grad():
+        table.normal_()
+    assert not torch.allclose(student_tokens(m, x), out)
+    names = [n for n, _ in m.named_parameters() if "relative_position_bias_table" in n]
+    assert names == ["rel_pos_bias.relative_position_bias_table"]
+
+
+@pytest.mark.parametrize("size,width", [("tiny", 192), ("small", 384), ("base", 768), ("large", 1024)])
+def test_presets_on_meta(size, width):
+    with torch.device("meta"):
+        m = build_student(ModelConfig(size=size, patch_size=14, img_size=224))
+    assert m.num_features == width
+    assert student_grid(m) == ((16, 16), 1)
+
+
+def test_bad_sizes_are_clear():
+    with pytest.raises(FDFastError, match="not divisible by the patch size 16"):
+        build_vit_student("tiny", patch_size=16, img_size=100)
+    with pytest.raises(FDFastError, match="unknown ViT student size 'huge'"):
+        build_vit_student("huge")
