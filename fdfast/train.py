@@ -42,8 +42,13 @@ def validate(cfg: Config) -> None:
     o = cfg.optim
     if o.steps < 1:
         raise FDFastError(f"the step count must be >= 1, got {o.steps} (--steps N)")
-    if not 0 <= o.warmup_steps < o.steps:
-        raise FDFastError(f"optim.warmup_steps must be in [0, steps={o.steps}), got {o.warmup_steps}")
+    if o.warmup_steps < 0:
+        raise FDFastError(f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    if o.warmup_steps >= o.steps:  # e.g. --steps 20 on a recipe with 30 warmup steps
+        warmup = o.steps // 10
+        print(f"fdfast train: optim.warmup_steps={o.warmup_steps} >= steps={o.steps}; warming up over {warmup} "
+              f"steps (10% of the run) instead", file=sys.stderr)
+        o.warmup_steps = warmup
     for key, value in (("data.batch_size", cfg.data.batch_size), ("optim.accum_steps", o.accum_steps),
                        ("runtime.log_every", cfg.runtime.log_every)):
         if value < 1:

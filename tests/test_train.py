@@ -1,0 +1,139 @@
+"""`fdfast train` end to end on tiny models: the files of the CLI contract, exact resume, clean errors."""
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from fdfast import checkpoint as ckpt
+from fdfast.cli import main
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory):
+    """A tiny ViT teacher in timm's layout, as a user's local weights file (random, but a real checkpoint)."""
+    torch.manual_seed(1)
+    m = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=0)
+    path = tmp_path_factory.mktemp("teacher") / "vit_tiny.safetensors"
+    save_file(m.state_dict(), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("images")
+    g = torch.Generator().manual_seed(0)
+    for i in range(12):
+        arr = (torch.rand(40 + i, 48, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(d / f"img{i}.jpg")
+    return d
+
+
+def tiny_args(out, teacher_file, image_dir, steps=4, *extra):
+    return ["train", "--out", str(out), "--steps", str(steps), "--data", str(image_dir),
+            "--teacher", "vit_tiny_patch16_224", "--teacher-weights", str(teacher_file), "--batch-size", "4",
+            "--set", "teacher.kwargs={depth: 2}", "--set", "model.img_size=32", "--set", "model.patch_size=16",
+            "--set", "model.kwargs={depth: 2}", "--set", "data.num_workers=0", "--set", "data.loader=torch",
+            "--set", "runtime.log_every=1", "--set", "ckpt.every=2", "--set", "optim.warmup_steps=1",
+            "--set", "runtime.tensorboard=false", *extra]
+
+
+def test_train_writes_the_contract(tmp_path, teacher_file, image_dir):
+    out = tmp_path / "run"
+    assert main(tiny_args(out, teacher_file, image_dir, 4)) == 0
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["optim"]["steps"] == 4 and cfg["teacher"]["weights"] == str(teacher_file)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all({"step", "loss", "lr", "img_per_s"} <= r.keys() and r["loss"] > 0 for r in rows)
+    assert [s for s, _ in ckpt.committed_steps(out)] == [2, 4]
+    assert not list((out / "checkpoints").glob(".tmp*"))
+    student = load_file(str(out / "student.safetensors"))
+    assert "rel_pos_bias.relative_position_bias_table" in student
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["images_seen"] >= 16
+    state = torch.load(out / "checkpoints" / "step-4" / "train_state.pt", weights_only=True)
+    assert state["step"] == 4 and state["config"]["optim"]["steps"] == 4
+
+
+def test_resume_continues_step_count_and_schedule(tmp_path, teacher_file, image_dir):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(tiny_args(straight, teacher_file, image_dir, 4)) == 0
+    # a run killed after step 2: its step-2 checkpoint is committed, the rest never happened
+    assert main(tiny_args(split, teacher_file, image_dir, 4)) == 0
+    import shutil
+    shutil.rmtree(split / "checkpoints" / "step-4")
+    (split / "student.safetensors").unlink()
+    assert main(tiny_args(split, teacher_file, image_dir, 4, "--resume", "auto")) == 0
+    a = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(line) for line in (split / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in b] == [1, 2, 3, 4]  # no duplicated steps 3-4 from the first attempt
+    for ra, rb in zip(a, b):
+        assert ra["lr"] == rb["lr"]
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5, abs=1e-7)
+    sa, sb = load_file(str(straight / "student.safetensors")), load_file(str(split / "student.safetensors"))
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6)
+
+
+def test_uncommitted_checkpoint_is_ignored(tmp_path, teacher_file, image_dir):
+    out = tmp_path / "run"
+    assert main(tiny_args(out, teacher_file, image_dir, 4)) == 0
+    (out / "checkpoints" / "step-4" / "COMMITTED").unlink()  # as if the process died while saving
+    assert ckpt.latest_committed(out).name == "step-2"
+    with pytest.raises(Exception, match="COMMITTED"):
+        ckpt.resolve_resume(out, str(out / "checkpoints" / "step-4"))
+
+
+def run_error(capsys, argv):
+    rc = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    return rc, err[-1] if err else ""
+
+
+@pytest.mark.parametrize("change,match", [
+    (["--steps", "-3"], "step count must be >= 1"),
+    (["--set", "model.img_size=33"], "not divisible by the patch size 16"),
+    (["--set", "optim.stpes=3"], "did you mean 'steps'"),
+    (["--set", "data.loader=magic"], "data.loader must be one of"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, teacher_file, image_dir, capsys, change, match):
+    args = tiny_args(tmp_path / "run", teacher_file, image_dir, 2) + change
+    rc, line = run_error(capsys, args)
+    assert rc == 2 and match in line and "Traceback" not in line
+    assert not (tmp_path / "run").exists()  # nothing written by a failed start
+
+
+def test_missing_data_and_unknown_recipe(tmp_path, teacher_file, image_dir, capsys):
+    rc, line = run_error(capsys, tiny_args(tmp_path / "r", teacher_file, tmp_path / "nope", 2))
+    assert rc == 2 and "nope" in line
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rc, line = run_error(capsys, tiny_args(tmp_path / "r", teacher_file, empty, 2))
+    assert rc == 2 and "empty" in line
+    rc, line = run_error(capsys, ["train", "no_such_recipe", "--out", str(tmp_path / "r")])
+    assert rc == 2 and "unknown recipe 'no_such_recipe'" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_wrong_teacher_weights_fail_before_anything_is_written(tmp_path, teacher_file, image_dir, capsys):
+    out = tmp_path / "run"
+    args = tiny_args(out, teacher_file, image_dir, 2)
+    args[args.index("vit_tiny_patch16_224")] = "vit_small_patch16_224"
+    rc, line = run_error(capsys, args)
+    assert rc == 2 and "vit_small_patch16_224" in line and not out.exists()
+
+
+def test_existing_run_is_never_overwritten(tmp_path, teacher_file, image_dir, capsys):
+    out = tmp_path / "run"
+    assert main(tiny_args(out, teacher_file, image_dir, 2)) == 0
+    before = (out / "metrics.jsonl").read_text()
+    rc, line = run_error(capsys, tiny_args(out, teacher_file, image_dir, 2))
+    assert rc == 2 and "--resume auto" in line
+    assert (out / "metrics.jsonl").read_text() == before
