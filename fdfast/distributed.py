@@ -76,13 +76,47 @@ def wrap_distributed(distiller: nn.Module, strategy: str, info: DistInfo) -> nn.
         ids = [info.local_rank] if info.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(distiller, device_ids=ids)
     if strategy == "fsdp":
+        # one FSDP2 unit per student block, one for the frozen teacher (large teachers shard too), and the
+        # distiller as root (student stem / norm + projection); the student runs through forward_features,
+        # so its blocks, not the timm model itself, carry the hooks.
         from torch.distributed.fsdp import fully_shard
         for block in distiller.student.blocks:
             fully_shard(block)
-        fully_shard(distiller.student)
-        fully_shard(distiller.fd_loss)
+        fully_shard(distiller.teacher)
+        fully_shard(distiller)
         return distiller
     raise FDFastError(f"dist.strategy must be auto, none, ddp or fsdp, got {strategy!r}")
+
+
+def full_state(distiller: nn.Module, optimizer, info: DistInfo, strategy: str) -> tuple[dict, dict]:
+    """(trainable tensors, optimizer state) as full, unsharded CPU tensors; a collective under FSDP."""
+    if info.world_size == 1 or strategy != "fsdp":
+        return distiller.trainable_state(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    student = get_model_state_dict(distiller.student, options=opts)
+    proj = get_model_state_dict(distiller.fd_loss, options=opts)
+    tensors = {f"student.{k}": v for k, v in student.items()}
+    tensors.update({f"proj.{k[len('proj.'):]}": v for k, v in proj.items()})
+    return tensors, get_optimizer_state_dict(distiller, optimizer, options=opts)
+
+
+def load_full_state(distiller: nn.Module, optimizer, tensors: dict, optim_state: dict, info: DistInfo,
+                    strategy: str) -> None:
+    """Inverse of full_state: every rank passes the full tensors; FSDP keeps its own shards."""
+    if info.world_size == 1 or strategy != "fsdp":
+        distiller.load_trainable_state(tensors)
+        optimizer.load_state_dict(optim_state)
+        return
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True, strict=True)
+    set_model_state_dict(distiller.student, {k[len("student."):]: v for k, v in tensors.items()
+                                             if k.startswith("student.")}, options=opts)
+    set_model_state_dict(distiller.fd_loss, {f"proj.{k[len('proj.'):]}": v for k, v in tensors.items()
+                                             if k.startswith("proj.")}, options=opts)
+    set_optimizer_state_dict(distiller, optimizer, optim_state, options=opts)
 
 
 def all_reduce_mean(value: float, info: DistInfo) -> float:

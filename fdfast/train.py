@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -175,19 +176,18 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict:
     resume_from = ckpt.resolve_resume(out_dir, resume)
     if resume_from is None and info.is_main and any((out_dir / n).exists() for n in ("config.yaml", "checkpoints")):
         raise FDFastError(f"{out_dir} already holds a run; pass --resume auto to continue it, or choose a new --out")
-    torch.manual_seed(cfg.runtime.seed + info.rank)
-
+    torch.manual_seed(cfg.runtime.seed)  # the same initial student on every rank (FSDP shards it as is)
     distiller, loader = build_parts(cfg, info)
+    torch.manual_seed(cfg.runtime.seed + 1000003 * info.rank)  # per-rank drop path from here on
     o = cfg.optim
     global_batch = cfg.data.batch_size * o.accum_steps * info.world_size
-    optimizer, scheduler = build_optimizer(distiller, cfg, global_batch, device)
+    model = distributed.wrap_distributed(distiller, cfg.dist.strategy, info)  # before the optimizer: FSDP2
+    optimizer, scheduler = build_optimizer(distiller, cfg, global_batch, device)  # swaps in sharded params
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-
     start_step = 0
     if resume_from is not None:
         tensors, state = ckpt.load_checkpoint(resume_from)
-        distiller.load_trainable_state(tensors)
-        optimizer.load_state_dict(state["optimizer"])
+        distributed.load_full_state(distiller, optimizer, tensors, state["optimizer"], info, cfg.dist.strategy)
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         loader.load_state_dict(state["loader"])
@@ -198,16 +198,17 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict:
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(cfg.to_yaml())
-    model = distributed.wrap_distributed(distiller, cfg.dist.strategy, info)
     metrics = MetricsLog(out_dir, start_step, cfg.runtime.tensorboard, info.is_main)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
 
-    def save(step: int) -> None:
-        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    def save(step: int) -> dict:
+        tensors, optim_state = distributed.full_state(distiller, optimizer, info, cfg.dist.strategy)
+        state = {"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
                  "scaler": scaler.state_dict(), "loader": loader.state_dict(), "rng": [rng_state(device)],
                  "config": cfg.to_dict()}
         if info.is_main:
-            ckpt.save_checkpoint(out_dir, step, distiller.trainable_state(), state, _model_meta(cfg), cfg.ckpt.keep)
+            ckpt.save_checkpoint(out_dir, step, tensors, state, _model_meta(cfg), cfg.ckpt.keep)
+        return tensors
 
     progress = _progress(cfg, start_step, info.is_main)
     distiller.train()
@@ -262,13 +263,12 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict:
         progress.close()
         metrics.close()
 
-    save(o.steps)
+    final_tensors = save(o.steps)
     wall = time.perf_counter() - t_run
     summary = {"steps": o.steps - start_step, "wall_s": wall, **loader.stats()}
     summary["img_per_s"] = summary.get("images_seen", 0) / wall if wall > 0 else 0.0
     if info.is_main:
-        student_state = {k[len("student."):]: v for k, v in distiller.trainable_state().items()
-                         if k.startswith("student.")}
+        student_state = {k[len("student."):]: v for k, v in final_tensors.items() if k.startswith("student.")}
         ckpt.atomic_save_safetensors(student_state, out_dir / "student.safetensors",
                                      metadata={ckpt.STUDENT_META_KEY: json.dumps(_model_meta(cfg))})
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -347,6 +347,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, Path]:
 def run_cli(args: argparse.Namespace) -> int:
     cfg, out = config_from_args(args)
     summary = train(cfg, out, resume=args.resume)
-    print(f"fdfast train: {summary['steps']} steps in {summary['wall_s']:.0f}s "
-          f"({summary['img_per_s']:.1f} img/s) -> {out / 'student.safetensors'}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"fdfast train: {summary['steps']} steps in {summary['wall_s']:.0f}s "
+              f"({summary['img_per_s']:.1f} img/s) -> {out / 'student.safetensors'}")
     return 0

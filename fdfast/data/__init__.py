@@ -1,0 +1,91 @@
+"""Input pipeline for FD: DALI first, a torch DataLoader with the same semantics, a synthetic loader.
+
+    loader = build_fd_loader(cfg.data, image_size=224, mean=teacher_mean, std=teacher_std, batch_size=64)
+    images = next(loader)  # float32 [B, 3, S, S], normalised with the teacher's mean / std
+
+Augmentation (METHOD.md): RandomResizedCrop(S, scale=data.scale, ratio=data.ratio) + horizontal flip
+(p = data.hflip) + normalisation. Files are listed and checked once (cached), ordered by `EpochOrder`
+(seeded, reshuffled per epoch, equal disjoint shards per rank) and resumable via state_dict().
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+from fdfast.data.base import FDLoader, write_summary
+from fdfast.data.files import EpochOrder, FileList, list_images
+from fdfast.errors import FDFastError
+
+__all__ = ["build_fd_loader", "build_labeled_loader", "write_summary", "resolve_loader", "list_images",
+           "FDLoader"]
+
+log = logging.getLogger("fdfast.data")
+LOADERS = ("auto", "dali", "torch", "synthetic")
+SYNTHETIC_IMAGES = 1_000_000  # "files" of the synthetic loader's epoch (only the epoch length depends on it)
+
+
+def dali_available() -> bool:
+    return importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
+
+
+def resolve_loader(name: str) -> str:
+    """data.loader -> the loader used: auto -> dali when nvidia-dali is installed, else torch."""
+    if name not in LOADERS:
+        raise FDFastError(f"data.loader must be one of {', '.join(LOADERS)}, got {name!r}")
+    if name == "auto":
+        return "dali" if dali_available() else "torch"
+    if name == "dali" and not dali_available():
+        raise FDFastError("data.loader=dali needs NVIDIA DALI: pip install nvidia-dali-cuda120 "
+                          "(or set data.loader=torch)")
+    return name
+
+
+def _data_path(data_cfg) -> str:
+    if data_cfg.path:
+        return data_cfg.path
+    from fdfast.demo import demo_image_dir  # lazy: only runs without --data need the demo photos
+    return str(demo_image_dir())
+
+
+def _build(data_cfg, *, image_size, mean, std, batch_size, device, rank, world_size, seed, labeled, train):
+    kind = resolve_loader(data_cfg.loader)
+    order_seed = int(data_cfg.seed) * 1_000_003 + int(seed)  # data seed and run seed both move the order
+    if kind == "synthetic":
+        order = EpochOrder(SYNTHETIC_IMAGES, batch_size, seed=order_seed, rank=rank, world_size=world_size)
+        from fdfast.data.synthetic import SyntheticFDLoader
+        return SyntheticFDLoader(order, image_size=image_size, device=device, labeled=labeled, train=train)
+
+    files = list_images(_data_path(data_cfg), labeled=labeled, check=data_cfg.check,
+                        cache_dir=data_cfg.cache_dir)
+    order = EpochOrder(len(files), batch_size, seed=order_seed, rank=rank, world_size=world_size, train=train)
+    common = dict(image_size=image_size, mean=tuple(mean), std=tuple(std), scale=tuple(data_cfg.scale),
+                  ratio=tuple(data_cfg.ratio), hflip=float(data_cfg.hflip), num_workers=int(data_cfg.num_workers),
+                  device=device, labeled=labeled, train=train)
+    if kind == "dali":
+        from fdfast.data.dali_loader import DaliFDLoader
+        return DaliFDLoader(files, order, **common)
+    from fdfast.data.torch_loader import TorchFDLoader
+    return TorchFDLoader(files, order, **common)
+
+
+def build_fd_loader(data_cfg, *, image_size: int, mean: tuple, std: tuple, batch_size: int,
+                    device: str = "cpu", rank: int = 0, world_size: int = 1, seed: int = 0) -> FDLoader:
+    """An infinite iterator of augmented, normalised image batches (float32 [B, 3, S, S]) for FD.
+
+    DALI on "cuda*" devices decodes on the GPU ("mixed") and returns tensors on `device`; every other
+    loader returns CPU tensors. ``loader.name`` says which loader runs ("auto" resolved).
+    """
+    return _build(data_cfg, image_size=image_size, mean=mean, std=std, batch_size=batch_size, device=device,
+                  rank=rank, world_size=world_size, seed=seed, labeled=False, train=True)
+
+
+def build_labeled_loader(data_cfg, *, image_size: int, mean: tuple, std: tuple, batch_size: int,
+                         device: str = "cpu", rank: int = 0, world_size: int = 1, seed: int = 0,
+                         train: bool = True) -> FDLoader:
+    """(images, labels int64 [B]) from class subfolders (label = sorted folder index, ``loader.files.classes``).
+
+    train=True: infinite, augmented like build_fd_loader. train=False: one pass in file order, resize
+    the short side to S / 0.875 + centre crop, the last batch may be short; ``len(loader)`` batches.
+    """
+    return _build(data_cfg, image_size=image_size, mean=mean, std=std, batch_size=batch_size, device=device,
+                  rank=rank, world_size=world_size, seed=seed, labeled=True, train=train)

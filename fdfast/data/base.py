@@ -1,0 +1,125 @@
+"""What every FD loader shares: the infinite iterator over epochs, its resumable position and its stats."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from fdfast.errors import FDFastError
+from fdfast.data.files import BAD_FILES_SHOWN, EpochOrder, FileList
+
+log = logging.getLogger("fdfast.data")
+
+EVAL_CROP_PCT = 0.875  # evaluation: resize the short side to size / 0.875, centre crop (timm's default)
+
+
+class FDLoader:
+    """Base: yields batches at positions (epoch, batch) of an `EpochOrder`; subclasses make the batches.
+
+    ``next(loader)`` -> float32 [B, 3, H, W] (or (images, labels [B] int64) for labeled loaders).
+    A training loader never ends (it moves on to the next, reshuffled epoch); an evaluation loader
+    (``train=False``) makes one pass in file order and stops.
+    """
+    name = "base"
+
+    def __init__(self, files: FileList | None, order: EpochOrder, *, labeled: bool = False, train: bool = True):
+        self.files, self.order = files, order
+        self.labeled, self.train = labeled, train
+        self.epoch, self.batch = 0, 0  # position of the NEXT batch handed out
+        self.images_seen = 0
+        self._bad: dict[str, None] = dict.fromkeys(files.bad if files else [])  # ordered set of bad paths
+
+    # -- iteration ---------------------------------------------------------------------------------
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if not self.train and self.epoch > 0:
+            raise StopIteration
+        out = self._next_batch()
+        images = out[0] if self.labeled else out
+        self.images_seen += images.shape[0]
+        self.batch += 1
+        if self.batch >= self.order.batches_per_epoch:
+            self.epoch, self.batch = self.epoch + 1, 0
+        return out
+
+    def __len__(self) -> int:
+        """Batches per epoch for this rank."""
+        return self.order.batches_per_epoch
+
+    def _next_batch(self):
+        raise NotImplementedError
+
+    def _restart(self) -> None:
+        """Re-position the underlying producer at (self.epoch, self.batch), e.g. after load_state_dict."""
+
+    # -- resume ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        o = self.order
+        return dict(loader=self.name, epoch=self.epoch, batch=self.batch, seed=o.seed, rank=o.rank,
+                    world_size=o.world_size, batch_size=o.batch_size, n_files=o.n_files,
+                    images_seen=self.images_seen)
+
+    def load_state_dict(self, state: dict) -> None:
+        try:
+            epoch, batch = int(state["epoch"]), int(state["batch"])
+        except (KeyError, TypeError, ValueError):
+            raise FDFastError(f"data loader state needs integer 'epoch' and 'batch', got {state!r}") from None
+        o = self.order
+        now = dict(seed=o.seed, world_size=o.world_size, batch_size=o.batch_size, n_files=o.n_files)
+        changed = {k: (state.get(k), v) for k, v in now.items() if k in state and state[k] != v}
+        if changed:
+            log.warning("resuming the data loader with changed %s (saved, now): the batch order differs "
+                        "from the interrupted run", changed)
+        if batch >= o.batches_per_epoch:  # the data set shrank: continue with the next epoch
+            epoch, batch = epoch + 1, 0
+        self.epoch, self.batch = epoch, batch
+        self.images_seen = int(state.get("images_seen", self.images_seen))
+        self._restart()
+
+    # -- reporting ---------------------------------------------------------------------------------
+    def _note_bad(self, paths) -> None:
+        new = [p for p in paths if p not in self._bad]
+        if new:
+            self._bad.update(dict.fromkeys(new))
+            log.warning("skipped %d unreadable image(s) (substituted the next readable file): %s",
+                        len(new), ", ".join(new[:BAD_FILES_SHOWN]))
+
+    def stats(self) -> dict:
+        bad = list(self._bad)
+        return dict(loader=self.name, images_seen=self.images_seen, images_skipped=len(bad),
+                    bad_files=bad[:BAD_FILES_SHOWN])
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def write_summary(out_dir: str | Path, loader: FDLoader, steps: int, wall_s: float, **extra) -> dict:
+    """Write OUT_DIR/summary.json: the loader's stats + steps, wall time and images per second."""
+    summary = dict(loader.stats(), steps=int(steps), wall_s=round(float(wall_s), 3),
+                   img_per_s=round(loader.images_seen / wall_s, 2) if wall_s > 0 else None, **extra)
+    path = Path(out_dir) / "summary.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, path)
+    return summary
+
+
+def normalizer(mean, std, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean/std in [0, 1] units -> ([1,3,1,1], [1,3,1,1]) in 0-255 units, for uint8 batches."""
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise FDFastError(f"mean and std need 3 values each (std > 0), got mean={mean}, std={std}")
+    m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255
+    s = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255
+    return m, s

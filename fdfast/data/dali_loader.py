@@ -1,0 +1,190 @@
+"""The NVIDIA DALI path: file bytes in file order from Python, decode + crop + flip + normalise in DALI.
+
+Why an external source instead of ``fn.readers.file``: the batch order then comes from the same
+`EpochOrder` as the torch path (same shards, same reshuffle, exact resume position), and the bytes
+pass through Python where a file that disappeared is caught.  Decoding is DALI's: ``mixed`` (nvJPEG on
+the GPU) on CUDA devices, its CPU decoder otherwise; the crop is fused into the decode (only the
+region of interest is decoded).
+
+Bad files: DALI has no option to skip a file its decoder rejects; any such file is a critical error
+after which the pipeline object is dead. So files are checked once up front (`files.check_files`,
+cached), and if a decode still fails (a file damaged in its middle), the batches in flight are checked
+with a full PIL decode, the culprits are marked bad and replaced by the next readable file (the torch
+path's rule), and the pipeline is rebuilt at the same position.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+
+import numpy as np
+import torch
+
+from fdfast.data.base import EVAL_CROP_PCT, FDLoader
+from fdfast.data.files import EpochOrder, FileList, decodes
+from fdfast.errors import FDFastError
+
+log = logging.getLogger("fdfast.data")
+
+NUM_ATTEMPTS = 10  # crop windows tried before the centre-crop fallback (torchvision's number)
+PREFETCH = 2  # batches DALI prepares ahead
+
+
+class _BatchSource:
+    """DALI external source: each call returns the next batch's file bytes (and labels) in EpochOrder."""
+
+    def __init__(self, loader: "DaliFDLoader"):
+        self.loader = loader
+        self.positions = loader.order.positions(loader.epoch, loader.batch)
+        self.in_flight = collections.deque()  # file indices of batches produced, not yet handed out
+
+    def __call__(self):
+        ld = self.loader
+        epoch, batch = next(self.positions)
+        if not ld.train and epoch > 0:
+            raise StopIteration
+        index, _ = ld.order.batch(epoch, batch)
+        encoded, labels, used = [], [], []
+        for i in index:
+            i, data = ld.read(int(i))
+            encoded.append(data)
+            labels.append(np.array(ld.files.labels[i], dtype=np.int64))
+            used.append(i)
+        self.in_flight.append(used)
+        return encoded, labels
+
+
+class DaliFDLoader(FDLoader):
+    name = "dali"
+
+    def __init__(self, files: FileList, order: EpochOrder, *, image_size: int, mean, std, scale, ratio,
+                 hflip: float, num_workers: int, device: str = "cpu", labeled: bool = False, train: bool = True):
+        super().__init__(files, order, labeled=labeled, train=train)
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise FDFastError(f"mean and std need 3 values each (std > 0), got mean={mean}, std={std}")
+        self.size, self.scale, self.ratio, self.hflip = image_size, scale, ratio, hflip
+        self.mean255 = [float(m) * 255 for m in mean]  # DALI normalises the 0-255 pixels
+        self.std255 = [float(s) * 255 for s in std]
+        self.num_threads = max(1, int(num_workers))
+        self.device = torch.device(device)
+        self.gpu = self.device.type == "cuda"
+        self.bad_index: set[int] = set()  # files that failed to decode in this run
+        self.pipe = None
+        self.source = None
+
+    # -- reading -----------------------------------------------------------------------------------
+    def read(self, index: int) -> tuple[int, np.ndarray]:
+        """(index actually read, its bytes): bad or vanished files are replaced by the next readable file."""
+        n = len(self.files.paths)
+        for k in range(n):
+            i = (index + k) % n
+            if i in self.bad_index:
+                continue
+            try:
+                data = np.fromfile(self.files.paths[i], dtype=np.uint8)
+            except OSError:
+                data = np.empty(0, np.uint8)
+            if data.size:
+                return i, data
+            self._mark_bad(i)
+        raise FDFastError(f"no image under {str(self.files.root)!r} can be read any more; check the data")
+
+    def _mark_bad(self, i: int) -> None:
+        self.bad_index.add(i)
+        self._note_bad([self.files.paths[i]])
+        if len(self.bad_index) >= len(self.files.paths):
+            raise FDFastError(f"none of the {len(self.files.paths)} image files under "
+                              f"{str(self.files.root)!r} can be decoded; replace the data")
+
+    # -- the pipeline ------------------------------------------------------------------------------
+    def _build_pipeline(self):
+        from nvidia.dali import fn, pipeline_def, types
+
+        decoder_device = "mixed" if self.gpu else "cpu"
+        # The DALI random crops follow the pipeline seed; seeding it by the start position makes a
+        # given (seed, position) reproducible (a resumed run gets the same files, fresh crops).
+        seed = int(np.random.default_rng([self.order.seed, self.order.rank, self.epoch, self.batch])
+                   .integers(2**31 - 1))
+
+        @pipeline_def(batch_size=self.order.batch_size, num_threads=self.num_threads,
+                      device_id=(self.device.index or 0) if self.gpu else None, seed=seed,
+                      prefetch_queue_depth=PREFETCH, exec_dynamic=True)
+        def pipeline():
+            encoded, labels = fn.external_source(source=self.source, num_outputs=2, batch=True,
+                                                 dtype=[types.UINT8, types.INT64])
+            if self.train:
+                # RandomResizedCrop: area fraction in `scale`, aspect ratio log-uniform in `ratio`
+                images = fn.decoders.image_random_crop(
+                    encoded, device=decoder_device, output_type=types.RGB, random_area=list(self.scale),
+                    random_aspect_ratio=list(self.ratio), num_attempts=NUM_ATTEMPTS, adjust_orientation=False)
+                images = fn.resize(images, resize_x=self.size, resize_y=self.size, antialias=True,
+                                   interp_type=types.INTERP_LINEAR)
+                mirror = fn.random.coin_flip(probability=self.hflip)
+            else:
+                images = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB,
+                                           adjust_orientation=False)
+                images = fn.resize(images, resize_shorter=int(self.size / EVAL_CROP_PCT), antialias=True,
+                                   interp_type=types.INTERP_LINEAR)
+                mirror = 0
+            images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
+                                              crop=(self.size, self.size), mean=self.mean255, std=self.std255,
+                                              mirror=mirror)  # float32 [B, 3, S, S]
+            return images, labels.gpu() if self.gpu else labels
+
+        self.source = _BatchSource(self)
+        pipe = pipeline()
+        pipe.build()
+        return pipe
+
+    def _restart(self) -> None:
+        self.close()
+        self.pipe = self._build_pipeline()
+
+    def _next_batch(self):
+        for _ in range(len(self.files.paths) + 1):
+            if self.pipe is None:
+                self._restart()
+            try:
+                images, labels = self.pipe.run()
+                break
+            except StopIteration:
+                raise
+            except RuntimeError as e:
+                self._recover(e)
+        else:
+            raise FDFastError(f"DALI kept failing to decode images under {str(self.files.root)!r}")
+        self.source.in_flight.popleft()
+        images, labels = _to_torch(images, self.device), _to_torch(labels, self.device)
+        return (images, labels.view(-1)) if self.labeled else images
+
+    def _recover(self, error: RuntimeError) -> None:
+        """A decode failed: find the culprit(s) among the batches in flight, mark them, rebuild."""
+        suspects = {i for batch in self.source.in_flight for i in batch}
+        culprits = sorted(i for i in suspects if not decodes(self.files.paths[i]))
+        self.pipe = None  # after a critical error a DALI pipeline cannot run again
+        if not culprits:
+            raise FDFastError(f"DALI failed on files that PIL decodes ({len(suspects)} suspects under "
+                              f"{str(self.files.root)!r}); try data.loader=torch. DALI said: "
+                              f"{str(error).splitlines()[-1][:300]}") from error
+        for i in culprits:
+            self._mark_bad(i)
+
+    def close(self) -> None:
+        self.pipe = None  # DALI frees the pipeline's threads and buffers with the object
+        self.source = None
+
+
+def _to_torch(batch, device: torch.device) -> torch.Tensor:
+    """A dense DALI TensorList -> a torch tensor on `device` (one copy)."""
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    tensor = batch.as_tensor()
+    out = torch.empty(tensor.shape(), dtype=_torch_dtype(tensor), device=device)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+    feed_ndarray(tensor, out, cuda_stream=stream)
+    return out
+
+
+def _torch_dtype(tensor) -> torch.dtype:
+    from nvidia.dali import types
+    return {types.FLOAT: torch.float32, types.INT64: torch.int64, types.UINT8: torch.uint8}[tensor.dtype]
