@@ -290,7 +290,7 @@ class _progress:
         if self.enabled and sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=self.total, initial=start, desc="fd", unit="step", dynamic_ncols=True)
-        self.last = start
+        self.start = self.last = start
 
     def update(self, step: int, row: dict) -> None:
         if not self.enabled:
@@ -299,8 +299,9 @@ class _progress:
             self.bar.update(step - self.last)
             self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['img_per_s']:.1f}")
         else:
+            eta = row["elapsed_s"] / max(step - self.start, 1) * (self.total - step)
             print(f"step {step}/{self.total}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
-                  f"{row['img_per_s']:.1f} img/s  {row['elapsed_s']:.0f}s", file=sys.stderr, flush=True)
+                  f"{row['img_per_s']:.1f} img/s  {row['elapsed_s']:.0f}s  eta {eta:.0f}s", file=sys.stderr, flush=True)
         self.last = step
 
     def close(self) -> None:
