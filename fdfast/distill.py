@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from fdfast.loss import FDLoss
-from fdfast.models.align import align_tokens
+from fdfast.models.align import align_tokens, check_alignment
 from fdfast.models.student import student_grid, student_tokens
 
 
@@ -22,6 +22,7 @@ class FeatureDistiller(nn.Module):
         self.teacher = teacher  # frozen by build_teacher: eval mode and requires_grad False
         self.align = align
         self.grid, self.prefix = student_grid(student)
+        check_alignment(self.grid, self.prefix, teacher.grid, teacher.num_prefix_tokens, align)  # fail before step 1
         self.fd_loss = FDLoss(student.num_features, teacher.dim, beta=loss_cfg.beta, eps=loss_cfg.eps,
                               whiten=loss_cfg.whiten, backend=loss_cfg.backend)
 

@@ -40,11 +40,47 @@ def read_weights(path) -> dict:
                 return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
         except Exception as e:
             raise FDFastError(f"weights file {str(path)!r} is a TorchScript archive that cannot be read: {e}") from None
+    return torch_load_checkpoint(path)
+
+
+def _benign_globals() -> dict:
+    """Non-tensor objects research checkpoints pickle beside the weights (argparse args, yacs configs, numpy
+    scalars): plain data, allowed for weights_only loading by their exact names."""
+    import argparse
+    import numpy as np
+    allowed = {"argparse.Namespace": argparse.Namespace, "numpy.dtype": np.dtype}
+    for name in ("numpy._core.multiarray.scalar", "numpy.core.multiarray.scalar"):
+        module, _, attr = name.rpartition(".")
+        try:
+            allowed[name] = getattr(__import__(module, fromlist=[attr]), attr)
+        except (ImportError, AttributeError):
+            pass
+    allowed.update({f"numpy.dtypes.{t.__name__}": t for t in vars(np.dtypes).values() if isinstance(t, type)})
+    try:
+        from yacs.config import CfgNode  # the official FD / Swin trainers pickle their config
+        allowed["yacs.config.CfgNode"] = CfgNode
+    except ImportError:
+        pass
+    return allowed
+
+
+def torch_load_checkpoint(path) -> dict:
+    """torch.load(weights_only=True), also for checkpoints that pickle benign metadata beside the weights."""
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise FDFastError(f"weights file {str(path)!r} cannot be read with torch.load(weights_only=True): "
-                          f"{str(e).splitlines()[0]}; re-save it as a plain state dict or safetensors") from None
+        first = str(e).splitlines()[0]
+    try:
+        needed = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:
+        needed = None
+    allowed = _benign_globals()
+    if needed and all(n in allowed for n in needed):
+        with torch.serialization.safe_globals([allowed[n] for n in needed]):
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    what = f"it pickles {needed}" if needed else first
+    raise FDFastError(f"weights file {str(path)!r} cannot be read with torch.load(weights_only=True) ({what}); "
+                      f"re-save only its weights, e.g. torch.save({{'model': ckpt['model']}}, FILE), or as safetensors")
 
 
 def _is_torchscript(path: Path) -> bool:

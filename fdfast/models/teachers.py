@@ -2,9 +2,10 @@
 
 ``build_teacher(name, weights=None, img_size=None, **kw)`` returns a ``Teacher``: forward(images [B,3,H,W])
 -> tokens [B,N,C] after the teacher's own final norm, BEFORE whitening (fdfast.distill whitens). ``name`` is
-a registry name (``fdfast teachers`` lists them), ``open_clip:MODEL[:PRETRAINED]`` or any timm model name. Every family is a timm
-architecture; a per-family key filter (fdfast.models.convert) turns the published checkpoint layout into
-timm's and the weights are loaded strictly. ``kw`` overrides the timm kwargs (tests build tiny teachers).
+a registry name (``fdfast teachers`` lists them), ``open_clip:MODEL[:PRETRAINED]`` or any timm model name.
+Every family is a timm architecture; a per-family key filter (fdfast.models.convert) turns the published
+checkpoint layout into timm's and the weights are loaded strictly. ``kw`` overrides the timm kwargs (tests
+build tiny teachers with it).
 """
 from __future__ import annotations
 
