@@ -59,13 +59,19 @@ def apply_activation_checkpointing(student: nn.Module) -> None:
     student.set_grad_checkpointing(True)
 
 
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a ViT (``.blocks``) or a Swin (``.layers[i].blocks``): the units of FSDP / compile."""
+    if hasattr(model, "blocks"):
+        return list(model.blocks)
+    if hasattr(model, "layers") and all(hasattr(layer, "blocks") for layer in model.layers):
+        return [b for layer in model.layers for b in layer.blocks]
+    raise FDFastError(f"{type(model).__name__} has neither .blocks nor .layers[i].blocks to shard or compile")
+
+
 def compile_blocks(student: nn.Module) -> None:
     """torch.compile each transformer block on its own: short compiles, reused across identical blocks."""
-    blocks = getattr(student, "blocks", None)
-    if blocks is None:
-        raise FDFastError(f"dist.compile: {type(student).__name__} has no .blocks to compile")
-    for i, block in enumerate(blocks):
-        blocks[i] = torch.compile(block)
+    for block in transformer_blocks(student):
+        block.compile()  # in place: parameter names (and checkpoints) stay unchanged
 
 
 def wrap_distributed(distiller: nn.Module, strategy: str, info: DistInfo) -> nn.Module:
@@ -80,7 +86,7 @@ def wrap_distributed(distiller: nn.Module, strategy: str, info: DistInfo) -> nn.
         # distiller as root (student stem / norm + projection); the student runs through forward_features,
         # so its blocks, not the timm model itself, carry the hooks.
         from torch.distributed.fsdp import fully_shard
-        for block in distiller.student.blocks:
+        for block in transformer_blocks(distiller.student):
             fully_shard(block)
         fully_shard(distiller.teacher)
         fully_shard(distiller)

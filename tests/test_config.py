@@ -47,3 +47,19 @@ def test_unknown_recipe_suggests_nearest():
 def test_bad_override_syntax():
     with pytest.raises(FDFastError, match="key=value"):
         parse_override("optim.steps")
+
+
+@pytest.mark.parametrize("name", recipe_names())
+def test_recipe_builds_its_student_and_names_a_known_teacher(name):
+    import torch
+
+    from fdfast.models.student import build_student
+    from fdfast.models.teachers import get_entry
+    cfg = load_config(name)
+    get_entry(cfg.teacher.name)  # raises for a name neither the registry nor timm knows
+    with torch.device("meta"):
+        student = build_student(cfg.model)
+    params = sum(p.numel() for p in student.parameters())
+    assert params > 5e6
+    if name == "swinv2_g":
+        assert 2.9e9 < params < 3.1e9
