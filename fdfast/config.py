@@ -51,6 +51,8 @@ class DataConfig:
     ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
     hflip: float = 0.5
     seed: int = 0
+    check: str = "fast"  # file check before reading, cached: fast (header + end marker) | full (decode) | off
+    cache_dir: str | None = None  # where file-check results are cached; None: $FDFAST_CACHE/filecheck
 
 
 @dataclass
@@ -73,7 +75,7 @@ class LossConfig:
     beta: float = 2.0
     eps: float = 1e-5
     whiten: bool = True
-    backend: str = "auto"  # auto | triton | reference
+    backend: str = "auto"  # auto | triton | torch | reference
 
 
 @dataclass

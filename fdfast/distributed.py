@@ -134,5 +134,8 @@ def all_reduce_mean(value: float, info: DistInfo) -> float:
 
 
 def shutdown() -> None:
+    """Leave the process group together: a rank that tears gloo down while rank 0 still writes the final
+    files aborts ("terminate called without an active exception")."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

@@ -11,7 +11,8 @@ class FDLoss(nn.Module):
     """loss = mean smooth_l1_beta(proj(student_tokens) - layernorm_no_affine(teacher_tokens)).
 
     ``proj`` is ``nn.Linear(student_dim, teacher_dim)`` (the paper's 1x1 conv); the teacher tokens are the
-    frozen target (no gradient). ``backend`` selects the kernel ("auto" | "triton" | "reference").
+    frozen target (no gradient). ``backend`` selects the kernel: "auto" (Triton on CUDA, "torch" on the
+    CPU), "triton", "torch" (row-chunked CPU path: no [B,N,Ct] fp32 intermediates) or "reference".
     """
 
     def __init__(self, student_dim: int, teacher_dim: int, beta: float = 2.0, eps: float = 1e-5,

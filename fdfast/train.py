@@ -25,12 +25,13 @@ from fdfast import checkpoint as ckpt
 from fdfast import distributed
 from fdfast.config import Config, apply_overrides, load_config, parse_override
 from fdfast.distill import FeatureDistiller
+from fdfast.data import write_summary
 from fdfast.errors import FDFastError
 
 CHOICES = {
     "runtime.precision": ("auto", "fp32", "bf16", "fp16"),
     "data.loader": ("auto", "dali", "torch", "synthetic"),
-    "loss.backend": ("auto", "triton", "reference"),
+    "loss.backend": ("auto", "triton", "torch", "reference"),
     "model.attention": ("auto", "triton", "reference", "sdpa"),
     "teacher.align": ("bilinear", "area"),
     "optim.fused": ("auto", "true", "false"),
@@ -116,7 +117,7 @@ def build_parts(cfg: Config, info: distributed.DistInfo):
     distiller = FeatureDistiller(student, teacher, cfg.loss, cfg.teacher.align).to(info.device)
     loader = build_fd_loader(cfg.data, image_size=cfg.model.img_size, mean=teacher.mean, std=teacher.std,
                              batch_size=cfg.data.batch_size, device=info.device.type, rank=info.rank,
-                             world_size=info.world_size, seed=cfg.data.seed)
+                             world_size=info.world_size, seed=cfg.runtime.seed)
     return distiller, loader
 
 
@@ -213,7 +214,7 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict:
     progress = _progress(cfg, start_step, info.is_main)
     distiller.train()
     t_run = t_log = time.perf_counter()
-    images_since_log, bad_steps, done, loss_sum, loss_n = 0, 0, start_step, 0.0, 0
+    images_since_log, bad_steps, done, loss_sum, loss_n, last_loss = 0, 0, start_step, 0.0, 0, None
     try:
         for step in range(start_step + 1, o.steps + 1):
             # one optimizer step = accum_steps micro-batches
@@ -251,6 +252,7 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict:
                        "grad_norm": float(grad_norm), "elapsed_s": now - t_run}
                 metrics.log(row)
                 progress.update(step, row)
+                last_loss = row["loss"]
                 t_log, images_since_log, loss_sum, loss_n = now, 0, 0.0, 0
             if cfg.ckpt.every and step % cfg.ckpt.every == 0 and step != o.steps:
                 save(step)
@@ -265,13 +267,13 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict:
 
     final_tensors = save(o.steps)
     wall = time.perf_counter() - t_run
-    summary = {"steps": o.steps - start_step, "wall_s": wall, **loader.stats()}
-    summary["img_per_s"] = summary.get("images_seen", 0) / wall if wall > 0 else 0.0
     if info.is_main:
         student_state = {k[len("student."):]: v for k, v in final_tensors.items() if k.startswith("student.")}
         ckpt.atomic_save_safetensors(student_state, out_dir / "student.safetensors",
                                      metadata={ckpt.STUDENT_META_KEY: json.dumps(_model_meta(cfg))})
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        summary = write_summary(out_dir, loader, o.steps - start_step, wall, final_loss=last_loss)
+    else:
+        summary = dict(loader.stats(), steps=o.steps - start_step, wall_s=wall, img_per_s=None)
     loader.close()
     distributed.shutdown()
     return summary
@@ -350,5 +352,5 @@ def run_cli(args: argparse.Namespace) -> int:
     summary = train(cfg, out, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"fdfast train: {summary['steps']} steps in {summary['wall_s']:.0f}s "
-              f"({summary['img_per_s']:.1f} img/s) -> {out / 'student.safetensors'}")
+              f"({summary['img_per_s'] or 0:.1f} img/s) -> {out / 'student.safetensors'}")
     return 0

@@ -12,8 +12,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 
-from fdfast.data.base import FDLoader, write_summary
-from fdfast.data.files import EpochOrder, FileList, list_images
+from fdfast.data.base import FDLoader, check_augmentation, write_summary
+from fdfast.data.files import EpochOrder, list_images
 from fdfast.errors import FDFastError
 
 __all__ = ["build_fd_loader", "build_labeled_loader", "write_summary", "resolve_loader", "list_images",
@@ -49,7 +49,9 @@ def _data_path(data_cfg) -> str:
 
 def _build(data_cfg, *, image_size, mean, std, batch_size, device, rank, world_size, seed, labeled, train):
     kind = resolve_loader(data_cfg.loader)
-    order_seed = int(data_cfg.seed) * 1_000_003 + int(seed)  # data seed and run seed both move the order
+    check_augmentation(image_size, mean, std, data_cfg.scale, data_cfg.ratio, data_cfg.hflip)
+    # data.seed and the run's seed both move the order; numpy seeds must be >= 0
+    order_seed = (int(data_cfg.seed) * 1_000_003 + int(seed)) % 2**63
     if kind == "synthetic":
         order = EpochOrder(SYNTHETIC_IMAGES, batch_size, seed=order_seed, rank=rank, world_size=world_size)
         from fdfast.data.synthetic import SyntheticFDLoader

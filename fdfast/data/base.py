@@ -29,7 +29,7 @@ class FDLoader:
         self.files, self.order = files, order
         self.labeled, self.train = labeled, train
         self.epoch, self.batch = 0, 0  # position of the NEXT batch handed out
-        self.images_seen = 0
+        self.images_seen = 0  # in this process (a resumed run starts again at 0)
         self._bad: dict[str, None] = dict.fromkeys(files.bad if files else [])  # ordered set of bad paths
 
     # -- iteration ---------------------------------------------------------------------------------
@@ -60,9 +60,9 @@ class FDLoader:
     # -- resume ------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         o = self.order
-        return dict(loader=self.name, epoch=self.epoch, batch=self.batch, seed=o.seed, rank=o.rank,
-                    world_size=o.world_size, batch_size=o.batch_size, n_files=o.n_files,
-                    images_seen=self.images_seen)
+        # The same on every rank (equal shards move in step): rank 0's state restores all ranks.
+        return dict(loader=self.name, epoch=self.epoch, batch=self.batch, seed=o.seed,
+                    world_size=o.world_size, batch_size=o.batch_size, n_files=o.n_files)
 
     def load_state_dict(self, state: dict) -> None:
         try:
@@ -77,8 +77,7 @@ class FDLoader:
                         "from the interrupted run", changed)
         if batch >= o.batches_per_epoch:  # the data set shrank: continue with the next epoch
             epoch, batch = epoch + 1, 0
-        self.epoch, self.batch = epoch, batch
-        self.images_seen = int(state.get("images_seen", self.images_seen))
+        self.epoch, self.batch = epoch, batch  # images_seen stays this process's count (its img/s)
         self._restart()
 
     # -- reporting ---------------------------------------------------------------------------------
@@ -116,10 +115,22 @@ def write_summary(out_dir: str | Path, loader: FDLoader, steps: int, wall_s: flo
     return summary
 
 
-def normalizer(mean, std, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """mean/std in [0, 1] units -> ([1,3,1,1], [1,3,1,1]) in 0-255 units, for uint8 batches."""
+def check_augmentation(image_size: int, mean, std, scale, ratio, hflip: float) -> None:
+    """Bad augmentation settings fail here, with the key to fix, before any worker or pipeline starts."""
+    if image_size < 1:
+        raise FDFastError(f"image_size must be >= 1, got {image_size}")
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
         raise FDFastError(f"mean and std need 3 values each (std > 0), got mean={mean}, std={std}")
+    if not 0 < scale[0] <= scale[1] <= 1:
+        raise FDFastError(f"data.scale must be [lo, hi] with 0 < lo <= hi <= 1, got {list(scale)}")
+    if not 0 < ratio[0] <= ratio[1]:
+        raise FDFastError(f"data.ratio must be [lo, hi] with 0 < lo <= hi, got {list(ratio)}")
+    if not 0 <= hflip <= 1:
+        raise FDFastError(f"data.hflip is a probability in [0, 1], got {hflip}")
+
+
+def normalizer(mean, std, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean/std in [0, 1] units -> ([1,3,1,1], [1,3,1,1]) in 0-255 units, for uint8 batches."""
     m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255
     s = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255
     return m, s

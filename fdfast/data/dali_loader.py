@@ -15,7 +15,7 @@ path's rule), and the pipeline is rebuilt at the same position.
 from __future__ import annotations
 
 import collections
-import logging
+import weakref
 
 import numpy as np
 import torch
@@ -23,8 +23,6 @@ import torch
 from fdfast.data.base import EVAL_CROP_PCT, FDLoader
 from fdfast.data.files import EpochOrder, FileList, decodes
 from fdfast.errors import FDFastError
-
-log = logging.getLogger("fdfast.data")
 
 NUM_ATTEMPTS = 10  # crop windows tried before the centre-crop fallback (torchvision's number)
 PREFETCH = 2  # batches DALI prepares ahead
@@ -34,7 +32,8 @@ class _BatchSource:
     """DALI external source: each call returns the next batch's file bytes (and labels) in EpochOrder."""
 
     def __init__(self, loader: "DaliFDLoader"):
-        self.loader = loader
+        # weak: the pipeline holds this source, the loader holds the pipeline; no cycle keeps DALI alive
+        self.loader = weakref.proxy(loader)
         self.positions = loader.order.positions(loader.epoch, loader.batch)
         self.in_flight = collections.deque()  # file indices of batches produced, not yet handed out
 
@@ -60,8 +59,6 @@ class DaliFDLoader(FDLoader):
     def __init__(self, files: FileList, order: EpochOrder, *, image_size: int, mean, std, scale, ratio,
                  hflip: float, num_workers: int, device: str = "cpu", labeled: bool = False, train: bool = True):
         super().__init__(files, order, labeled=labeled, train=train)
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise FDFastError(f"mean and std need 3 values each (std > 0), got mean={mean}, std={std}")
         self.size, self.scale, self.ratio, self.hflip = image_size, scale, ratio, hflip
         self.mean255 = [float(m) * 255 for m in mean]  # DALI normalises the 0-255 pixels
         self.std255 = [float(s) * 255 for s in std]
@@ -107,8 +104,7 @@ class DaliFDLoader(FDLoader):
                    .integers(2**31 - 1))
 
         @pipeline_def(batch_size=self.order.batch_size, num_threads=self.num_threads,
-                      device_id=(self.device.index or 0) if self.gpu else None, seed=seed,
-                      prefetch_queue_depth=PREFETCH, exec_dynamic=True)
+                      device_id=self._device_id(), seed=seed, prefetch_queue_depth=PREFETCH)
         def pipeline():
             encoded, labels = fn.external_source(source=self.source, num_outputs=2, batch=True,
                                                  dtype=[types.UINT8, types.INT64])
@@ -135,6 +131,11 @@ class DaliFDLoader(FDLoader):
         pipe = pipeline()
         pipe.build()
         return pipe
+
+    def _device_id(self) -> int | None:
+        if not self.gpu:
+            return None  # a CPU-only pipeline: no CUDA context at all
+        return self.device.index if self.device.index is not None else torch.cuda.current_device()
 
     def _restart(self) -> None:
         self.close()
@@ -163,9 +164,11 @@ class DaliFDLoader(FDLoader):
         culprits = sorted(i for i in suspects if not decodes(self.files.paths[i]))
         self.pipe = None  # after a critical error a DALI pipeline cannot run again
         if not culprits:
-            raise FDFastError(f"DALI failed on files that PIL decodes ({len(suspects)} suspects under "
-                              f"{str(self.files.root)!r}); try data.loader=torch. DALI said: "
-                              f"{str(error).splitlines()[-1][:300]}") from error
+            if "decod" not in str(error).lower():
+                raise error  # not about the data
+            raise FDFastError(f"DALI failed to decode images that PIL decodes (one of {len(suspects)} files "
+                              f"under {str(self.files.root)!r}); use data.loader=torch for this data. DALI "
+                              f"said: {str(error).strip().splitlines()[-1][:300]}") from error
         for i in culprits:
             self._mark_bad(i)
 

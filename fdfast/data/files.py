@@ -237,10 +237,10 @@ class EpochOrder:
         sample_seeds = seeds[self.rank:used:self.world_size]
         pad = self.batches_per_epoch * self.batch_size - self.shard_len
         if pad:  # wrap around this rank's own shard: full batches, shards still disjoint
-            reps = -(-pad // self.shard_len)
-            index = np.concatenate([index] + [index] * reps)[:self.shard_len + pad]
-            sample_seeds = np.concatenate([sample_seeds] + [sample_seeds + 1 + r for r in range(reps)])[
-                :self.shard_len + pad]
+            laps = 1 + -(-pad // self.shard_len)  # a shard shorter than the pad wraps more than once
+            index = np.concatenate([index] * laps)[:self.shard_len + pad]
+            # a repeated file gets another seed, hence another crop
+            sample_seeds = np.concatenate([sample_seeds + lap for lap in range(laps)])[:self.shard_len + pad]
         self._cached = (epoch, index, sample_seeds)
         return index, sample_seeds
 

@@ -7,6 +7,8 @@ sees exactly the batches the interrupted run would have seen.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
@@ -14,8 +16,25 @@ from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
 from fdfast.data.base import EVAL_CROP_PCT, FDLoader, normalizer
 from fdfast.data.files import EpochOrder, FileList
+from fdfast.errors import FDFastError
 
 MAX_SUBSTITUTES = 16  # bad files in a row tried before giving up on a sample
+
+
+def _worker_context():
+    """How DataLoader workers start: fork, unless DALI is loaded in this process.
+
+    A fork taken while DALI's threads hold locks deadlocks the worker (seen in our tests when a DALI
+    pipeline was alive); then workers fork from a clean forkserver instead (which, like spawn, needs
+    the usual ``if __name__ == "__main__":`` guard in a user's script). Plain fork otherwise keeps
+    torch-only scripts working as they always have.
+    """
+    import multiprocessing
+    if "nvidia.dali" not in sys.modules:
+        return multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])  # the server imports torch + PIL once, workers fork ready
+    return ctx
 
 
 class CropDataset(torch.utils.data.Dataset):
@@ -32,7 +51,7 @@ class CropDataset(torch.utils.data.Dataset):
         index, seed = item
         failed = []
         # A file that passed the cheap check can still fail to decode: substitute the next file.
-        for k in range(MAX_SUBSTITUTES):
+        for k in range(min(MAX_SUBSTITUTES, len(self.paths))):
             i = (index + k) % len(self.paths)
             try:
                 with Image.open(self.paths[i]) as img:
@@ -41,7 +60,8 @@ class CropDataset(torch.utils.data.Dataset):
                 failed.append(self.paths[i])
                 continue
             return TF.pil_to_tensor(self._augment(img, seed)), self.labels[i], failed
-        raise RuntimeError(f"{MAX_SUBSTITUTES} image files in a row failed to decode, e.g. {failed[:3]}")
+        raise FDFastError(f"{len(failed)} image files in a row failed to decode, e.g. {failed[0]!r}; the data "
+                          f"looks damaged: replace it, or find every bad file at start with data.check=full")
 
     def _augment(self, img: Image.Image, seed: int) -> Image.Image:
         if not self.train:
@@ -93,7 +113,8 @@ class TorchFDLoader(FDLoader):
         self._loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=_BatchSampler(self.order, self.epoch, self.batch),
             num_workers=self.num_workers, collate_fn=_collate, pin_memory=self.pin,
-            persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
+            multiprocessing_context=_worker_context() if self.num_workers else None,
+            prefetch_factor=4 if self.num_workers else None)
         self._iter = iter(self._loader)
 
     def _next_batch(self):

@@ -1,0 +1,213 @@
+"""Attention with a learned bias shared over the batch: fdfast vs SDPA, FlexAttention and timm's eager math.
+
+    python bench/run.py --suite attention [--device cpu|cuda] [--quick]
+
+Providers (each learns the bias, i.e. dbias is computed in "bwd" / "full"):
+- fdfast           ``rpb_attention(backend="auto")``: the Triton kernel on CUDA, SDPA on the CPU
+- sdpa_math        SDPA's math backend, bias as a broadcast [1, H, N, N] float mask
+- sdpa_efficient   (CUDA) SDPA's memory-efficient backend with the bias materialised to [B, H, N, N]
+- flex             (CUDA; CPU forward only and not in --quick: no CPU backward, compiling costs ~30 s)
+                   ``torch.compile(flex_attention)``, bias through ``score_mod`` (its dbias uses atomics)
+- timm_eager       timm's non-fused path: (q * scale) @ k^T + bias, softmax, @ v
+
+Modes: fwd (no grad), bwd (backward of a retained graph), full (forward + backward). Each row has the median
+and min time in ms, ``speedup`` = provider min time / fdfast min time (> 1: fdfast is faster; the min is the
+steadier figure on a shared CPU), the peak memory above the inputs (CUDA) and ``saved_mb``, the bytes autograd
+keeps for backward (every device). On the CPU fdfast runs SDPA, so its rows there mostly measure noise.
+
+Shapes: ViT-S/B at 224 px / 16 (N = 197, D = 64), ViT-L/14 at 224 px (N = 257, D = 64), and a SwinV2-B stage-1
+window layer (7 x 7 windows: N = 49, D = 32, 64 windows per image, shift mask).
+
+GPU goals (issue 4; to check when a GPU is lent): ViT-B (B = 256, H = 12, N = 197, D = 64) bf16 full
+(fwd + bwd) >= 1.3x ``sdpa_efficient`` and >= 1.2x ``flex``; deterministic dbias; activation memory per
+layer beyond q, k, v, o and the log-sum-exp under 5 MB (``saved_mb`` of fdfast minus 4 x the q size).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from fdfast.functional import rpb_attention
+
+
+def shapes(device: str, quick: bool):
+    """(name, B, H, N, D, W windows); B counts windows for Swin (batch x W)."""
+    if device == "cuda":
+        return [("vit_s", 256, 6, 197, 64, 0), ("vit_b", 256, 12, 197, 64, 0), ("vit_l14", 128, 16, 257, 64, 0),
+                ("swinv2_b_w7", 64 * 64, 4, 49, 32, 64)][: 2 if quick else None]
+    if quick:
+        return [("vit_s", 4, 6, 197, 64, 0), ("vit_b", 2, 12, 197, 64, 0), ("vit_l14", 1, 16, 257, 64, 0),
+                ("swinv2_b_w7", 2 * 16, 4, 49, 32, 16)]
+    return [("vit_s", 32, 6, 197, 64, 0), ("vit_b", 16, 12, 197, 64, 0), ("vit_l14", 8, 16, 257, 64, 0),
+            ("swinv2_b_w7", 4 * 64, 4, 49, 32, 64)]
+
+
+def _window_mask(mask, B, N):
+    """[W, N, N] -> [B, 1, N, N] in the batch * W window layout."""
+    W = mask.shape[0]
+    return mask.view(1, W, 1, N, N).expand(B // W, W, 1, N, N).reshape(B, 1, N, N)
+
+
+def sdpa_math(q, k, v, bias, mask):
+    attn_mask = bias.unsqueeze(0)
+    if mask is not None:
+        attn_mask = attn_mask + _window_mask(mask, q.shape[0], q.shape[2])
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+
+def sdpa_efficient(q, k, v, bias, mask):
+    B, H, N, _ = q.shape
+    attn_mask = bias.unsqueeze(0).expand(B, H, N, N)
+    if mask is not None:
+        attn_mask = attn_mask + _window_mask(mask, B, N)
+    attn_mask = attn_mask.contiguous()  # materialised [B, H, N, N]
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+
+def timm_eager(q, k, v, bias, mask):
+    B, H, N, D = q.shape
+    attn = (q * D ** -0.5) @ k.transpose(-2, -1) + bias.unsqueeze(0)
+    if mask is not None:
+        attn = (attn.view(-1, mask.shape[0], H, N, N) + mask.view(1, -1, 1, N, N)).view(B, H, N, N)
+    return attn.softmax(-1) @ v
+
+
+def make_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def flex(q, k, v, bias, mask):
+        W = mask.shape[0] if mask is not None else 1
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            score = score + bias[h, q_idx, kv_idx]
+            if mask is not None:
+                score = score + mask[b % W, q_idx, kv_idx]
+            return score
+
+        return compiled(q, k, v, score_mod=score_mod)
+
+    return flex
+
+
+def providers(device: str, quick: bool):
+    found = {"fdfast": lambda q, k, v, bias, mask: rpb_attention(q, k, v, bias, mask), "sdpa_math": sdpa_math}
+    if device == "cuda":
+        found["sdpa_efficient"] = sdpa_efficient
+    if device == "cuda" or not quick:
+        found["flex"] = make_flex()
+    found["timm_eager"] = timm_eager
+    return found
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(steps: dict, device, reps, warmup) -> dict:
+    """{provider: (median, min) ms}. Providers take turns within each repetition, so a burst of load from
+    other jobs on a shared CPU hits all of them alike; the min is the steadier figure there."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {name: [] for name in steps}
+    for _ in range(reps):
+        for name, step in steps.items():
+            _sync(device)
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: (statistics.median(t), min(t)) for name, t in times.items()}
+
+
+def peak_mb(step, device):
+    """Peak memory one call allocates above what is already live (CUDA only)."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
+def saved_bytes(fn, inputs) -> int:
+    """Bytes of the distinct tensors autograd saves for backward (the activation memory of this op)."""
+    seen = {}
+    input_ptrs = {t.untyped_storage().data_ptr() for t in inputs}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in input_ptrs:  # q, k, v, bias are the layer's inputs, alive anyway
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def make_step(fn, mode, q, k, v, bias, mask):
+    """One timed call: fwd (no grad), bwd (backward of a retained graph) or full (forward + backward)."""
+    dout = torch.randn_like(q)
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                fn(q, k, v, bias, mask)
+    elif mode == "full":
+        def step():
+            out = fn(q, k, v, bias, mask)
+            torch.autograd.grad(out, (q, k, v, bias), dout)
+    else:
+        out = fn(q, k, v, bias, mask)
+
+        def step():
+            torch.autograd.grad(out, (q, k, v, bias), dout, retain_graph=True)
+    return step
+
+
+def run(ctx):
+    device = ctx.device
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    reps, warmup = (9, 3) if ctx.quick else (20, 5)
+    if device == "cuda":
+        reps, warmup = (10, 3) if ctx.quick else (30, 10)
+    found = providers(device, ctx.quick)
+    fdfast_path = "triton" if device == "cuda" else "sdpa"  # what rpb_attention(backend="auto") runs here
+    for shape, B, H, N, D, W in shapes(device, ctx.quick):
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(B, H, N, D, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
+        bias = torch.randn(H, N, N, generator=g).to(device, dtype).requires_grad_()
+        mask = None
+        if W:
+            mask = torch.where(torch.rand(W, N, N, generator=g) < 0.3, -100.0, 0.0).to(device, dtype)
+        for mode in ("fwd", "bwd", "full"):
+            steps = {}
+            for name, fn in found.items():
+                if name == "flex" and device == "cpu" and mode != "fwd":
+                    continue  # FlexAttention has no CPU backward
+                try:
+                    steps[name] = make_step(fn, mode, q, k, v, bias, mask)
+                    steps[name]()  # compiles / fails here, before the timed loop
+                except Exception as e:  # a provider that cannot run this shape is reported, not fatal
+                    print(f"bench attention: {name} {shape} {mode} failed: {type(e).__name__}: {str(e)[:200]}")
+                    steps.pop(name, None)
+            timings = time_interleaved(steps, device, reps, warmup)
+            fdfast_min = timings["fdfast"][1] if "fdfast" in timings else None
+            for name, (ms, ms_min) in timings.items():
+                saved_mb = None
+                if mode == "full":
+                    saved_mb = saved_bytes(lambda: found[name](q, k, v, bias, mask), (q, k, v, bias)) / 2 ** 20
+                ctx.record(shape=shape, B=B, H=H, N=N, D=D, windows=W, dtype=str(dtype).split(".")[-1], mode=mode,
+                           provider=name, path=fdfast_path if name == "fdfast" else None, ms=ms, ms_min=ms_min,
+                           speedup=ms_min / fdfast_min if fdfast_min else None,  # provider / fdfast (min times)
+                           peak_mb=peak_mb(steps[name], device), saved_mb=saved_mb)
