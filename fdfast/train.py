@@ -228,6 +228,7 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict:
                 scaler.scale(loss).backward()
                 step_loss += loss.item()
                 images_since_log += images.shape[0] * info.world_size
+            step_loss = distributed.all_reduce_mean(step_loss, info)  # every rank takes the same skip decision
             if not math.isfinite(step_loss):
                 bad_steps += 1  # skip the update; a run that keeps diverging stops with its checkpoints intact
                 if bad_steps >= 3:
@@ -247,7 +248,7 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict:
 
             if step % cfg.runtime.log_every == 0 or step == o.steps:
                 now = time.perf_counter()
-                row = {"step": step, "loss": distributed.all_reduce_mean(loss_sum / loss_n, info),
+                row = {"step": step, "loss": loss_sum / loss_n,  # already averaged over ranks
                        "lr": optimizer.param_groups[0]["lr"], "img_per_s": images_since_log / (now - t_log),
                        "grad_norm": float(grad_norm), "elapsed_s": now - t_run}
                 metrics.log(row)

@@ -137,3 +137,15 @@ def test_existing_run_is_never_overwritten(tmp_path, teacher_file, image_dir, ca
     rc, line = run_error(capsys, tiny_args(out, teacher_file, image_dir, 2))
     assert rc == 2 and "--resume auto" in line
     assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_diverging_run_stops_cleanly_and_keeps_its_checkpoints(tmp_path, teacher_file, image_dir, capsys):
+    out = tmp_path / "run"
+    args = tiny_args(out, teacher_file, image_dir, 8, "--set", "optim.base_lr=1e36", "--set", "ckpt.every=1",
+                     "--set", "optim.clip_grad=null", "--set", "optim.warmup_steps=0")
+    rc, line = run_error(capsys, args)
+    assert rc == 2 and "3 steps in a row" in line and "lower optim.base_lr" in line
+    steps = [s for s, _ in ckpt.committed_steps(out)]
+    assert steps and max(steps) < 8  # what was trained before the divergence is still committed
+    tensors, state = ckpt.load_checkpoint(ckpt.latest_committed(out))  # loads: nothing half-written
+    assert state["step"] == max(steps) and "student.cls_token" in tensors
