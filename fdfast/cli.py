@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     except FDFastError as e:
         print(f"fdfast {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"fdfast {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"fdfast {args.command}: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130
 
 

@@ -212,11 +212,16 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict:
         return tensors
 
     progress = _progress(cfg, start_step, info.is_main)
+    stop = _StopRequest()  # Ctrl-C / SIGTERM (preemption): finish the step, commit it, then stop
     distiller.train()
     t_run = t_log = time.perf_counter()
     images_since_log, bad_steps, done, loss_sum, loss_n, last_loss = 0, 0, start_step, 0.0, 0, None
     try:
         for step in range(start_step + 1, o.steps + 1):
+            if stop.signum is not None:
+                if done > start_step:
+                    save(done)
+                raise KeyboardInterrupt(f"stopped by signal {stop.signum} after step {done} (committed)")
             # one optimizer step = accum_steps micro-batches
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
@@ -257,12 +262,8 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict:
                 t_log, images_since_log, loss_sum, loss_n = now, 0, 0.0, 0
             if cfg.ckpt.every and step % cfg.ckpt.every == 0 and step != o.steps:
                 save(step)
-    except KeyboardInterrupt:
-        # keep what was trained: the last completed step becomes a committed checkpoint
-        if done > start_step:
-            save(done)
-        raise
     finally:
+        stop.restore()
         progress.close()
         metrics.close()
 
@@ -278,6 +279,30 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict:
     loader.close()
     distributed.shutdown()
     return summary
+
+
+class _StopRequest:
+    """The first SIGINT / SIGTERM only asks the loop to stop at the next step boundary (so no optimizer update
+    is cut in half); a second one interrupts at once."""
+
+    def __init__(self):
+        import signal
+        import threading
+        self.signum, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"fdfast train: signal {signum}: stopping after this step (again to abort now)", file=sys.stderr)
+
+    def restore(self) -> None:
+        import signal
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def _model_meta(cfg: Config) -> dict:

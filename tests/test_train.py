@@ -149,3 +149,24 @@ def test_diverging_run_stops_cleanly_and_keeps_its_checkpoints(tmp_path, teacher
     assert steps and max(steps) < 8  # what was trained before the divergence is still committed
     tensors, state = ckpt.load_checkpoint(ckpt.latest_committed(out))  # loads: nothing half-written
     assert state["step"] == max(steps) and "student.cls_token" in tensors
+
+
+def test_sigterm_commits_the_last_completed_step(tmp_path, teacher_file, image_dir):
+    """A preempted job (SIGTERM) finishes its step, commits it, exits 130; --resume auto continues from it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "fdfast"] + tiny_args(out, teacher_file, image_dir, 100000, "--set", "ckpt.every=0")
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists()
+                                          and len((out / "metrics.jsonl").read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    (step, _), = ckpt.committed_steps(out)
+    logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert step >= 3 and step == logged[-1]  # nothing logged past what was committed
