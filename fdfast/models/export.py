@@ -65,9 +65,11 @@ def model_config(model_cfg: dict):
 
 
 def load_student(path) -> nn.Module:
-    """The student (a timm model, eval mode) of a run dir, a checkpoints/step-N dir, a student .safetensors, or an
-    official FD checkpoint (.pth), loaded strictly."""
+    """The student (a timm model, eval mode) of a run dir, a checkpoints/step-N dir, a student .safetensors, an
+    `fdfast export --to timm` file, or an official FD checkpoint (.pth), loaded strictly."""
     from fdfast.models.student import build_student
+    if _is_timm_export(path):
+        return load_timm_export(path)
     model_cfg, sd = read_any_student(path)
     model = build_student(model_config(model_cfg))
     convert.load_strict(model, sd, f"student weights in {str(path)!r}",
@@ -143,6 +145,15 @@ def export(src, out, to: str = "timm") -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(sd, out, metadata=meta)
     return out
+
+
+def _is_timm_export(path) -> bool:
+    from safetensors import safe_open
+    path = Path(path)
+    if not (path.is_file() and path.suffix == ".safetensors"):
+        return False
+    with safe_open(str(path), framework="pt") as f:
+        return TIMM_MODEL_KEY in (f.metadata() or {})
 
 
 def load_timm_export(path) -> nn.Module:
