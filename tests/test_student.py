@@ -54,3 +54,12 @@ def test_bad_sizes_are_clear():
         build_vit_student("tiny", patch_size=16, img_size=100)
     with pytest.raises(FDFastError, match="unknown ViT student size 'huge'"):
         build_vit_student("huge")
+
+
+def test_unknown_model_kwargs_are_errors_not_ignored():
+    with pytest.raises(FDFastError, match=r"model.kwargs: Beit takes no argument 'dpeth' \(did you mean 'depth'\?\)"):
+        build_vit_student("tiny", img_size=32, dpeth=2)
+    from fdfast.models.teachers import build_teacher
+    # YAML "{depth:2}" (no space) parses to the key "depth:2"; timm alone would drop it silently
+    with pytest.raises(FDFastError, match=r"teacher.kwargs: VisionTransformer takes no argument 'depth:2'.*space"):
+        build_teacher("vit_tiny_patch16_224", weights="random", img_size=32, **{"depth:2": None})

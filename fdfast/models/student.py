@@ -12,6 +12,7 @@ from timm.models.beit import Beit
 from torch import nn
 
 from fdfast.errors import FDFastError
+from fdfast.models.kwargs import check_kwargs
 
 # width, depth, heads (the ViT family presets)
 VIT_PRESETS = {
@@ -47,6 +48,7 @@ def vit_student_kwargs(size: str = "base", patch_size: int = 16, img_size: int =
 
 def build_vit_student(size: str = "base", patch_size: int = 16, img_size: int = 224, drop_path: float = 0.1,
                       pos_bias: str = "shared", **overrides) -> Beit:
+    check_kwargs(Beit, overrides, "model.kwargs")
     # timm's default norm layer is LayerNorm(eps=1e-6), the paper's; kwargs stay JSON-serialisable for export
     model = Beit(**vit_student_kwargs(size, patch_size, img_size, drop_path, pos_bias, **overrides))
     model.fd_student_kwargs = dict(arch="vit", size=size, patch_size=patch_size, img_size=img_size,

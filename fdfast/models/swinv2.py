@@ -11,6 +11,7 @@ from __future__ import annotations
 from timm.models.swin_transformer_v2 import SwinTransformerV2
 
 from fdfast.errors import FDFastError
+from fdfast.models.kwargs import check_kwargs
 
 # width, depths, heads (the SwinV2 paper's sizes; fd = base with FD's window 14)
 SWINV2_PRESETS = {
@@ -46,6 +47,7 @@ def swinv2_student_kwargs(size: str = "fd", img_size: int = 224, drop_path: floa
 def build_swinv2_student(model_cfg) -> SwinTransformerV2:
     """A SwinV2 student from ``config.ModelConfig`` (arch swinv2): size, img_size, drop_path, kwargs."""
     kwargs = dict(model_cfg.kwargs)
+    check_kwargs(SwinTransformerV2, kwargs, "model.kwargs")
     if "patch_size" not in kwargs:
         kwargs["patch_size"] = model_cfg.patch_size if model_cfg.patch_size != VIT_DEFAULT_PATCH else SWINV2_PATCH
     model = SwinTransformerV2(**swinv2_student_kwargs(model_cfg.size, model_cfg.img_size, model_cfg.drop_path,

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fdfast.errors import FDFastError
+from fdfast.models.kwargs import check_kwargs
 from fdfast.models import convert
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -285,9 +286,11 @@ def _create(entry: TeacherEntry, img_size: int, pretrained: bool, kw: dict) -> n
     kwargs.setdefault("num_classes", 0)
     arch = entry.pretrained if pretrained else entry.timm_name
     try:
-        return timm.create_model(arch, pretrained=pretrained, **kwargs)
+        model = timm.create_model(arch, pretrained=pretrained, **kwargs)
     except TypeError as e:
         raise FDFastError(f"teacher {entry.name!r}: timm {entry.timm_name} rejects the kwargs {kwargs}: {e}") from None
+    check_kwargs(type(model), kw, "teacher.kwargs")  # timm's factories drop unknown kwargs without a word
+    return model
 
 
 def build_teacher(name: str, weights=None, img_size: int | None = None, **kw) -> Teacher:
