@@ -313,20 +313,12 @@ def dinov2_state_dict_from_onnx(onnx_path: Optional[os.PathLike] = None) -> Dict
     # 4) strict checks against the timm model
     name, kwargs = DINOV2_S14_TIMM
     ref = _timm_reference_shapes(name, kwargs)
-    missing = sorted(set(ref) - set(out))
-    unexpected = sorted(set(out) - set(ref))
+    from fdfast.models.convert import key_problems
+
+    problems = key_problems(ref, out, source="onnx", target="timm")
     leftovers = sorted(set(arrays) - used - excluded)
-    bad_shapes = sorted(f"{k}: onnx {tuple(out[k].shape)} vs timm {ref[k]}" for k in set(ref) & set(out)
-                        if tuple(out[k].shape) != ref[k])
-    problems = []
-    if missing:
-        problems.append(f"timm keys not filled: {missing}")
-    if unexpected:
-        problems.append(f"keys timm does not have: {unexpected}")
     if leftovers:
         problems.append(f"ONNX backbone initialisers not used: {leftovers}")
-    if bad_shapes:
-        problems.append(f"shape mismatches: {bad_shapes}")
     if problems:
         raise FDFastError(
             f"cannot map {path} strictly onto timm {name}: " + "; ".join(problems)

@@ -298,21 +298,27 @@ def _listing(items, n=8) -> str:
     return "[" + ", ".join(items[:n]) + more + "]"
 
 
+def key_problems(expected_shapes: dict, sd: dict, source: str = "file", target: str = "model") -> list[str]:
+    """What keeps ``sd`` from loading strictly into a state dict of ``expected_shapes`` (key -> shape): missing
+    keys, unexpected keys, shape mismatches, each as one listing; empty when it fits."""
+    missing = [k for k in expected_shapes if k not in sd]
+    unexpected = [k for k in sd if k not in expected_shapes]
+    mismatched = [f"{k}: {source} {tuple(sd[k].shape)} vs {target} {tuple(expected_shapes[k])}"
+                  for k in expected_shapes if k in sd and tuple(sd[k].shape) != tuple(expected_shapes[k])]
+    parts = []
+    if missing:
+        parts.append(f"missing keys {_listing(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys {_listing(unexpected)}")
+    if mismatched:
+        parts.append(f"shape mismatches {_listing(mismatched)}")
+    return parts
+
+
 def load_strict_check(model: nn.Module, sd: dict, what: str, fix: str) -> None:
     """Raise an FDFastError listing every missing / unexpected key and shape mismatch, naming the fix."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    mismatched = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {_listing(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys {_listing(unexpected)}")
-        if mismatched:
-            parts.append(f"shape mismatches {_listing(mismatched)}")
+    parts = key_problems({k: v.shape for k, v in model.state_dict().items()}, sd)
+    if parts:
         raise FDFastError(f"{what} do not fit {type(model).__name__}: " + "; ".join(parts) + f". {fix}")
 
 
