@@ -183,3 +183,21 @@ def test_demo_recipe_runs_on_the_real_teacher_and_photos(tmp_path):
     assert len(rows) == 3 and all(0 < r["loss"] < 1 for r in rows)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["images_seen"] == 12 and summary["images_skipped"] == 0
+
+
+def test_grad_accumulation_equals_the_big_batch(tmp_path, teacher_file, image_dir):
+    """2 micro-batches of 2 = one batch of 4: same images, same mean loss, same update (drop path off)."""
+    common = ["--set", "model.drop_path=0", "--set", "optim.clip_grad=null"]
+    big, acc = tmp_path / "big", tmp_path / "acc"
+    assert main(tiny_args(big, teacher_file, image_dir, 3, *common)) == 0
+    args = tiny_args(acc, teacher_file, image_dir, 3, *common, "--set", "optim.accum_steps=2")
+    args[args.index("--batch-size") + 1] = "2"
+    assert main(args) == 0
+    a = [json.loads(line) for line in (big / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(line) for line in (acc / "metrics.jsonl").read_text().splitlines()]
+    for ra, rb in zip(a, b):
+        assert ra["lr"] == rb["lr"]  # lr follows the global batch: 4 in both
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
+    sa, sb = load_file(str(big / "student.safetensors")), load_file(str(acc / "student.safetensors"))
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=1e-4, atol=1e-6)
