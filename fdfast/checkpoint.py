@@ -52,6 +52,19 @@ def atomic_save_safetensors(tensors: dict, path: Path, metadata: dict | None = N
     _fsync_dir(path.parent)
 
 
+def split_trainable(tensors: dict) -> tuple[dict, dict]:
+    """(student state dict with timm keys, FDLoss state dict "proj.*") of a checkpoint's model tensors.
+
+    The FDLoss state dict keys are the checkpoint's own ("proj.weight", "proj.bias"); any other key is an error.
+    """
+    student = {k[len("student."):]: v for k, v in tensors.items() if k.startswith("student.")}
+    loss = {k: v for k, v in tensors.items() if k.startswith("proj.")}
+    unknown = sorted(k for k in tensors if not k.startswith(("student.", "proj.")))
+    if unknown:
+        raise FDFastError(f"checkpoint has keys that belong to neither student nor projection: {unknown[:5]}")
+    return student, loss
+
+
 def committed_steps(run_dir: Path) -> list[tuple[int, Path]]:
     """(step, directory) of every committed checkpoint, oldest first."""
     root = Path(run_dir) / "checkpoints"
@@ -156,5 +169,5 @@ def read_student(path) -> tuple[dict, dict]:
     model_cfg = _read_meta(path)
     tensors = load_file(str(path))
     if any(k.startswith("student.") for k in tensors):
-        tensors = {k[len("student."):]: v for k, v in tensors.items() if k.startswith("student.")}
+        tensors, _ = split_trainable(tensors)
     return model_cfg, tensors

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fdfast.checkpoint import split_trainable
 from fdfast.loss import FDLoss
 from fdfast.models.align import align_tokens, check_alignment
 from fdfast.models.student import student_grid, student_tokens
@@ -29,17 +30,13 @@ class FeatureDistiller(nn.Module):
     def trainable_state(self) -> dict:
         """What a checkpoint stores: the student (timm keys under 'student.') and the projection."""
         out = {f"student.{k}": v for k, v in self.student.state_dict().items()}
-        out.update({f"proj.{k}": v for k, v in self.fd_loss.proj.state_dict().items()})
+        out.update(self.fd_loss.state_dict())  # "proj.weight", "proj.bias"
         return out
 
     def load_trainable_state(self, tensors: dict) -> None:
-        student = {k[len("student."):]: v for k, v in tensors.items() if k.startswith("student.")}
-        proj = {k[len("proj."):]: v for k, v in tensors.items() if k.startswith("proj.")}
-        unknown = sorted(k for k in tensors if not k.startswith(("student.", "proj.")))
-        if unknown:
-            raise ValueError(f"checkpoint has keys that belong to neither student nor projection: {unknown[:5]}")
+        student, loss = split_trainable(tensors)
         self.student.load_state_dict(student, strict=True)
-        self.fd_loss.proj.load_state_dict(proj, strict=True)
+        self.fd_loss.load_state_dict(loss, strict=True)
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -102,9 +102,8 @@ def full_state(distiller: nn.Module, optimizer, info: DistInfo, strategy: str) -
                                                          get_optimizer_state_dict)
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     student = get_model_state_dict(distiller.student, options=opts)
-    proj = get_model_state_dict(distiller.fd_loss, options=opts)
     tensors = {f"student.{k}": v for k, v in student.items()}
-    tensors.update({f"proj.{k[len('proj.'):]}": v for k, v in proj.items()})
+    tensors.update(get_model_state_dict(distiller.fd_loss, options=opts))  # "proj.*", the checkpoint's keys
     return tensors, get_optimizer_state_dict(distiller, optimizer, options=opts)
 
 
@@ -117,11 +116,11 @@ def load_full_state(distiller: nn.Module, optimizer, tensors: dict, optim_state:
         return
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
+    from fdfast.checkpoint import split_trainable
     opts = StateDictOptions(full_state_dict=True, strict=True)
-    set_model_state_dict(distiller.student, {k[len("student."):]: v for k, v in tensors.items()
-                                             if k.startswith("student.")}, options=opts)
-    set_model_state_dict(distiller.fd_loss, {f"proj.{k[len('proj.'):]}": v for k, v in tensors.items()
-                                             if k.startswith("proj.")}, options=opts)
+    student, loss = split_trainable(tensors)
+    set_model_state_dict(distiller.student, student, options=opts)
+    set_model_state_dict(distiller.fd_loss, loss, options=opts)
     set_optimizer_state_dict(distiller, optimizer, optim_state, options=opts)
 
 

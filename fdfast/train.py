@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import yaml
@@ -24,9 +25,11 @@ import yaml
 from fdfast import checkpoint as ckpt
 from fdfast import distributed
 from fdfast.config import Config, apply_overrides, load_config, parse_override
-from fdfast.distill import FeatureDistiller
-from fdfast.data import write_summary
+from fdfast.data import build_fd_loader, write_summary
 from fdfast.errors import FDFastError
+
+if TYPE_CHECKING:
+    from fdfast.distill import FeatureDistiller
 
 CHOICES = {
     "runtime.precision": ("auto", "fp32", "bf16", "fp16"),
@@ -97,7 +100,7 @@ def build_optimizer(distiller: FeatureDistiller, cfg: Config, global_batch: int,
 
 def build_parts(cfg: Config, info: distributed.DistInfo):
     """Teacher, student, distiller and data: everything that validates user input, before any file is written."""
-    from fdfast.data import build_fd_loader
+    from fdfast.distill import FeatureDistiller  # imports the Triton kernels: only when training
     from fdfast.models.student import build_student
     from fdfast.models.teachers import build_teacher
 
@@ -270,7 +273,7 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict:
     final_tensors = save(o.steps)
     wall = time.perf_counter() - t_run
     if info.is_main:
-        student_state = {k[len("student."):]: v for k, v in final_tensors.items() if k.startswith("student.")}
+        student_state, _ = ckpt.split_trainable(final_tensors)
         ckpt.atomic_save_safetensors(student_state, out_dir / "student.safetensors",
                                      metadata={ckpt.STUDENT_META_KEY: json.dumps(_model_meta(cfg))})
         summary = write_summary(out_dir, loader, o.steps - start_step, wall, final_loss=last_loss)

@@ -293,7 +293,6 @@ def test_missing_empty_and_imageless_folders_name_the_path(tmp_path):
 # -- labels, synthetic, summary ---------------------------------------------------------------------
 @pytest.mark.parametrize("kind", LOADERS)
 def test_labeled_loader_labels_come_from_subfolders(tmp_path, kind):
-    rng = np.random.default_rng(5)
     colours = {"bird": 0, "cat": 1, "dog": 2}  # folder -> label (sorted names)
     for name, label in colours.items():
         (tmp_path / name).mkdir()

@@ -1,5 +1,6 @@
 """Real torch.distributed on the CPU: torchrun, 2 processes, gloo. DDP and FSDP2 train the same model."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -8,25 +9,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_train import image_dir, teacher_file  # noqa: F401  (module fixtures)
+from test_train import tiny_args
 
 
 def torchrun(out, teacher_file, image_dir, *extra):
-    args = ["--steps", "4", "--data", str(image_dir), "--teacher", "vit_tiny_patch16_224",
-            "--teacher-weights", str(teacher_file), "--batch-size", "2", "--set", "teacher.kwargs.depth=2",
-            "--set", "model.img_size=32", "--set", "model.patch_size=16", "--set", "model.kwargs.depth=2",
-            "--set", "model.drop_path=0", "--set", "data.num_workers=0", "--set", "data.loader=torch",
-            "--set", "runtime.log_every=1", "--set", "ckpt.every=2", "--set", "optim.warmup_steps=1",
-            "--set", "runtime.tensorboard=false", *extra]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           "-m", "fdfast", "train", "--out", str(out), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
-                                                                                 "OMP_NUM_THREADS": "1"})
+    """The tiny run of test_train on 2 processes (batch 2 each: the same global batch of 4), drop path off."""
+    args = tiny_args(out, teacher_file, image_dir, 4, "--set", "model.drop_path=0", *extra)
+    args[args.index("--batch-size") + 1] = "2"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "fdfast", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_ddp_and_fsdp_agree_and_fsdp_resumes(tmp_path, teacher_file, image_dir):  # noqa: F811
+def test_ddp_and_fsdp_agree_and_fsdp_resumes(tmp_path, teacher_file, image_dir):
     ddp = torchrun(tmp_path / "ddp", teacher_file, image_dir)
     fsdp = torchrun(tmp_path / "fsdp", teacher_file, image_dir, "--set", "dist.strategy=fsdp")
     assert [r["step"] for r in ddp] == [1, 2, 3, 4]  # one log line per step: rank 0 writes alone

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from fdfast.cli import main
-from test_train import image_dir, teacher_file, tiny_args  # noqa: F401  (module fixtures)
+from test_train import tiny_args
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_fd_losses.json"
 
 
-def test_tiny_run_follows_the_golden_loss_curve(tmp_path, teacher_file, image_dir):  # noqa: F811
+def test_tiny_run_follows_the_golden_loss_curve(tmp_path, teacher_file, image_dir):
     out = tmp_path / "run"
     assert main(tiny_args(out, teacher_file, image_dir, 8, "--set", "ckpt.every=0")) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -1,13 +1,10 @@
 """`fdfast train` end to end on tiny models: the files of the CLI contract, exact resume, clean errors."""
 import json
-from pathlib import Path
 
 import pytest
-import timm
 import torch
 import yaml
-from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from fdfast import checkpoint as ckpt
 from fdfast.cli import main
@@ -15,27 +12,8 @@ from fdfast.cli import main
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory):
-    """A tiny ViT teacher in timm's layout, as a user's local weights file (random, but a real checkpoint)."""
-    torch.manual_seed(1)
-    m = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=0)
-    path = tmp_path_factory.mktemp("teacher") / "vit_tiny.safetensors"
-    save_file(m.state_dict(), str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def image_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("images")
-    g = torch.Generator().manual_seed(0)
-    for i in range(12):
-        arr = (torch.rand(40 + i, 48, 3, generator=g) * 255).to(torch.uint8).numpy()
-        Image.fromarray(arr).save(d / f"img{i}.jpg")
-    return d
-
-
 def tiny_args(out, teacher_file, image_dir, steps=4, *extra):
+    """`fdfast train` argv for a 2-block ViT teacher (fixture teacher_file) and student at 32 px."""
     return ["train", "--out", str(out), "--steps", str(steps), "--data", str(image_dir),
             "--teacher", "vit_tiny_patch16_224", "--teacher-weights", str(teacher_file), "--batch-size", "4",
             "--set", "teacher.kwargs={depth: 2}", "--set", "model.img_size=32", "--set", "model.patch_size=16",

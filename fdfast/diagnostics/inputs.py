@@ -122,10 +122,7 @@ def trained_projection(path: Path, model: nn.Module):
     if path.is_dir():
         file = path / "model.safetensors"
         if not file.is_file():
-            try:
-                from fdfast.checkpoint import latest_committed
-            except ImportError:
-                return None
+            from fdfast.checkpoint import latest_committed
             latest = latest_committed(path)
             file = latest / "model.safetensors" if latest is not None else None
     else:
@@ -135,7 +132,8 @@ def trained_projection(path: Path, model: nn.Module):
     tensors = load_file(str(file))
     if "proj.weight" not in tensors:
         return None
-    student = {k[len("student."):]: v for k, v in tensors.items() if k.startswith("student.")}
+    from fdfast.checkpoint import split_trainable
+    student, _ = split_trainable(tensors)
     own = model.state_dict()
     if set(student) != set(own) or any(not torch.equal(student[k], own[k].detach().cpu()) for k in own):
         return None
