@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,7 +142,7 @@ def _coerce(value, tp, name: str):
     """Convert a YAML / --set value to the annotated field type, or raise FDFastError naming the key."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+    if origin in (typing.Union, types.UnionType):  # Optional[X] and X | None
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
