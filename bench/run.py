@@ -1,8 +1,8 @@
 """fdfast benchmarks: each provider side by side with its baseline in one run, reported as ratios.
 
-    python bench/run.py [--suite loss|attention|data|e2e|all] [--device cpu|cuda] [--quick]
+    python bench/run.py [--suite loss|attention|data|e2e|all] [--device cpu|cuda] [--quick] [--results DIR]
 
-Every row is appended as one JSON line to bench/results/<suite>.jsonl together with the device name,
+Every row is appended as one JSON line to DIR/<suite>.jsonl (default bench/results/) together with the device name,
 torch / triton versions, the git sha and the time, and printed as a table at the end.
 """
 from __future__ import annotations
@@ -52,13 +52,14 @@ class Context:
     device: str
     quick: bool
     env: dict
+    results: Path = RESULTS
     rows: list = field(default_factory=list)
 
     def record(self, **row) -> dict:
         full = dict(suite=self.suite, **row, **self.env)
         self.rows.append(full)
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        with open(RESULTS / f"{self.suite}.jsonl", "a") as f:
+        self.results.mkdir(parents=True, exist_ok=True)
+        with open(self.results / f"{self.suite}.jsonl", "a") as f:
             f.write(json.dumps(full) + "\n")
         return full
 
@@ -86,6 +87,7 @@ def main(argv=None) -> int:
     parser.add_argument("--suite", default="all", choices=SUITES + ("all",))
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--quick", action="store_true", help="small shapes and few repeats (about a minute on CPU)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder the .jsonl rows go to")
     args = parser.parse_args(argv)
     if args.device == "cuda":
         import torch
@@ -104,12 +106,12 @@ def main(argv=None) -> int:
                 status = 1
                 continue
             raise
-        ctx = Context(name, args.device, args.quick, env)
+        ctx = Context(name, args.device, args.quick, env, args.results)
         print(f"== {name} ({env['device_name']}, torch {env['torch']}, triton {env['triton']}, {env['git_sha']})")
         module.run(ctx)
         if ctx.rows:
             print_table(ctx.rows)
-        print(f"-> {RESULTS / (name + '.jsonl')}")
+        print(f"-> {args.results / (name + '.jsonl')}")
     return status
 
 

@@ -1,14 +1,21 @@
-"""Checkpoints: atomic save, a COMMITTED marker written last, exact resume from committed ones only.
+"""Checkpoints: atomic save, a COMMITTED marker with every file's size and CRC-32 written last, verified resume.
 
 Layout of a run directory::
 
-    DIR/checkpoints/step-N/model.safetensors   student ("student.<timm key>") + projection ("proj.*")
-    DIR/checkpoints/step-N/train_state.pt      optimizer, scheduler, scaler, RNG, loader position, config
-    DIR/checkpoints/step-N/COMMITTED           written last: a step directory without it is ignored
-    DIR/student.safetensors                    the student alone (timm keys), written at the end
+    DIR/checkpoints/step-N/model.safetensors   ckpt.format full: student ("student.<timm key>") + projection ("proj.*")
+    DIR/checkpoints/step-N/dcp/                ckpt.format dcp: torch.distributed.checkpoint, one shard file per
+                                               rank: {"model": student + projection, "optim": AdamW state}
+    DIR/checkpoints/step-N/train_state.pt      scheduler, scaler, RNG of every rank, loader position, config
+                                               (+ the full optimizer state in the full format)
+    DIR/checkpoints/step-N/COMMITTED           written last: JSON with the size and CRC-32 of every file above;
+                                               a step directory without it is ignored, one whose files disagree
+                                               with it is damaged (reported in one line, skipped by --resume auto)
+    DIR/student.safetensors + DIR/COMMITTED    the student alone (timm keys), written at the end, and its record
 
-Everything loads with ``torch.load(weights_only=True)`` / safetensors. Steps are found by their number,
-never by file times.
+Everything loads with ``torch.load(weights_only=True)`` / safetensors / DCP. Steps are found by their number,
+never by file times. The checksum is zlib's CRC-32, streamed in 1 MiB chunks: it catches truncation, torn
+writes and bit rot (a random corruption slips through with probability 2^-32) at ~1.8 GB/s on one core here,
+3.4x faster than hashlib.blake2b (0.54 GB/s); it is not a defence against deliberate tampering.
 """
 from __future__ import annotations
 
@@ -16,42 +23,124 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
+import warnings
+import zlib
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open
 
 from fdfast.errors import FDFastError
+from fdfast.io import atomic_save_safetensors, atomic_write_text  # also used as ckpt.atomic_save_safetensors
 
 COMMITTED = "COMMITTED"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 STUDENT_META_KEY = "fdfast_model"  # safetensors metadata: JSON of the student's ModelConfig
+DCP_DIR = "dcp"  # the torch.distributed.checkpoint folder inside a step directory
+CHUNK = 1 << 20  # bytes read per CRC update
+# DCP warns on each call without a process group (also from its async writer thread); fdfast reads and writes
+# DCP in one process on purpose (a world of one, export, load_student)
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
-def _fsync_dir(path: Path) -> None:
+# ----------------------------------------------------------------------------- integrity
+def file_record(path: Path) -> dict:
+    """{"size": bytes, "crc32": 8 hex digits} of one file, read once in 1 MiB chunks."""
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            crc, size = zlib.crc32(chunk, crc), size + len(chunk)
+    return {"size": size, "crc32": f"{crc:08x}"}
+
+
+def records(folder: Path, names=None) -> dict:
+    """{relative name: file_record} of ``names`` (default: every file under folder except the marker)."""
+    folder = Path(folder)
+    if names is None:
+        names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != COMMITTED)
+    return {n: file_record(folder / n) for n in names}
+
+
+def write_marker(folder: Path, files: dict, **info) -> None:
+    """The COMMITTED marker of ``folder`` (atomic): ``files`` = {name: file_record} + step / format / time."""
+    atomic_write_text(Path(folder) / COMMITTED, json.dumps({**info, "time": time.time(), "checksum": "crc32",
+                                                            "files": files}, indent=1))
+
+
+def read_marker(folder: Path) -> dict:
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
+        marker = json.loads((Path(folder) / COMMITTED).read_text())
+    except (OSError, ValueError) as e:
+        raise FDFastError(f"{folder}: its {COMMITTED} marker is unreadable ({e})") from None
+    if not isinstance(marker, dict) or not isinstance(marker.get("files"), dict):
+        raise FDFastError(f"{folder}: its {COMMITTED} marker has no file sizes and checksums "
+                          f"(written by an older fdfast); it cannot be verified")
+    return marker
+
+
+def damage(folder: Path, only: str | None = None) -> str | None:
+    """Why ``folder``'s files disagree with its COMMITTED record (None: intact); ``only`` checks one file."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        files = read_marker(folder)["files"]
+    except FDFastError as e:
+        return str(e).split(": ", 1)[1]
+    for name, want in files.items():
+        if only is not None and name != only:
+            continue
+        path = Path(folder) / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != want.get("size"):
+            return f"{name} has {size} bytes, its record says {want.get('size')} (truncated or overwritten)"
+        if file_record(path)["crc32"] != want.get("crc32"):
+            return f"{name} fails its CRC-32 check (the bytes changed after it was committed)"
+    return None
 
 
-def atomic_save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
-    """Write to a temporary file beside ``path``, fsync, then rename over it."""
+def verify(folder: Path, only: str | None = None) -> Path:
+    """``folder`` if its files match its COMMITTED record; else one FDFastError naming it and the damage."""
+    why = damage(folder, only)
+    if why is not None:
+        raise FDFastError(f"checkpoint {folder} is damaged: {why}; use an older checkpoint of the run "
+                          f"(--resume auto picks the newest intact one)")
+    return Path(folder)
+
+
+def verify_file(path: Path) -> None:
+    """Check one weights file: against the COMMITTED record beside it if there is one (a step's
+    model.safetensors, a run's student.safetensors), else its safetensors header against its length."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    save_file(tensors, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    listed = {}
+    if (path.parent / COMMITTED).is_file():
+        try:
+            listed = read_marker(path.parent)["files"]
+        except FDFastError:  # an unreadable record beside the file: fall back to the structural check
+            pass
+    if path.name in listed:
+        verify(path.parent, only=path.name)
+    elif path.suffix == ".safetensors":
+        _check_safetensors(path)
 
 
+def _check_safetensors(path: Path) -> None:
+    """A header that parses and data that reach its last offset: what a torn or truncated write breaks."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n)) if 0 < n <= size - 8 else None
+    except (OSError, ValueError):
+        header = None
+    end = max((v["data_offsets"][1] for k, v in (header or {}).items() if k != "__metadata__"), default=0)
+    if header is None or 8 + n + end != size:
+        raise FDFastError(f"{path} is damaged or not a safetensors file (its header and length disagree: "
+                          f"truncated?); use another checkpoint of the run")
+
+
+# ----------------------------------------------------------------------------- finding checkpoints
 def split_trainable(tensors: dict) -> tuple[dict, dict]:
     """(student state dict with timm keys, FDLoss state dict "proj.*") of a checkpoint's model tensors.
 
@@ -66,7 +155,7 @@ def split_trainable(tensors: dict) -> tuple[dict, dict]:
 
 
 def committed_steps(run_dir: Path) -> list[tuple[int, Path]]:
-    """(step, directory) of every committed checkpoint, oldest first."""
+    """(step, directory) of every checkpoint with a COMMITTED marker (intact or not), oldest first."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
@@ -79,61 +168,230 @@ def committed_steps(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def latest_committed(run_dir: Path) -> Path | None:
+    """Newest step directory with a marker, unverified (cheap: for messages; resume uses latest_intact)."""
     steps = committed_steps(run_dir)
     return steps[-1][1] if steps else None
 
 
+def latest_intact(run_dir: Path, quiet: bool = False) -> Path | None:
+    """Newest committed checkpoint whose files match their record; each damaged newer one is reported in one
+    line on stderr (unless quiet) and skipped."""
+    for _, d in reversed(committed_steps(run_dir)):
+        why = damage(d)
+        if why is None:
+            return d
+        if not quiet:
+            print(f"fdfast: skipping damaged checkpoint {d}: {why}", file=sys.stderr, flush=True)
+    return None
+
+
+def resolve_resume(run_dir: Path, resume: str | None, quiet: bool = False) -> Path | None:
+    """``--resume auto`` -> newest intact step of run_dir (or None); a path -> that step, verified."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        return latest_intact(run_dir, quiet)
+    path = Path(resume)
+    if path.is_dir() and (path / "checkpoints").is_dir():
+        found = latest_intact(path, quiet)
+        if found is None:
+            raise FDFastError(f"--resume {resume}: the run has no intact committed checkpoint; start a new run instead")
+        return found
+    if not (path / COMMITTED).is_file():
+        raise FDFastError(f"--resume {resume}: not a committed checkpoint (no {COMMITTED} marker in it); "
+                          f"pass a run directory, a checkpoints/step-N directory with a marker, or 'auto'")
+    return verify(path)
+
+
+def is_dcp(ckpt_dir: Path) -> bool:
+    return (Path(ckpt_dir) / DCP_DIR).is_dir()
+
+
+# ----------------------------------------------------------------------------- full format
 def save_checkpoint(run_dir: Path, step: int, model_tensors: dict, train_state: dict, model_meta: dict,
                     keep: int = 2) -> Path:
     """Save step-N atomically: files into a temporary folder, rename it into place, then COMMITTED."""
+    try:
+        tmp = _fresh_tmp(run_dir, step)
+        atomic_save_safetensors(model_tensors, tmp / "model.safetensors",
+                                metadata={STUDENT_META_KEY: json.dumps(model_meta)})
+        _save_train_state(train_state, tmp)
+        return commit(run_dir, step, tmp, records(tmp), "full", keep)
+    except OSError as e:  # a full disk (ENOSPC), a quota, a read-only folder
+        raise unwritable(run_dir, step, e) from None
+
+
+def unwritable(run_dir: Path, step: int, error: OSError) -> FDFastError:
+    """The one-line error for a checkpoint that could not be written; its partial folder is removed first (the
+    committed ones are never touched), so the disk is not left fuller and --resume auto finds the newest."""
+    root = Path(run_dir) / "checkpoints"
+    for partial in (root / f".tmp-step-{step}", root / f"step-{step}"):
+        if partial.is_dir() and not (partial / COMMITTED).is_file():
+            shutil.rmtree(partial, ignore_errors=True)
+    latest = latest_committed(run_dir)
+    return FDFastError(f"cannot write checkpoint step-{step} in {root}: {error.strerror or error}; the newest "
+                       f"committed checkpoint is {latest.name if latest else 'none'}: free space, then --resume auto")
+
+
+def _fresh_tmp(run_dir: Path, step: int) -> Path:
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step}"
-    tmp = root / f".tmp-step-{step}-{os.getpid()}"
+    tmp = root / f".tmp-step-{step}"  # one name for every rank (DCP); the run-dir lock keeps other runs out
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    atomic_save_safetensors(model_tensors, tmp / "model.safetensors",
-                            metadata={STUDENT_META_KEY: json.dumps(model_meta)})
-    with open(tmp / "train_state.pt", "wb") as f:
-        torch.save(train_state, f)
+    return tmp
+
+
+def _save_train_state(state: dict, folder: Path) -> None:
+    with open(folder / "train_state.pt", "wb") as f:
+        torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
-    if final.exists():  # an uncommitted leftover of a crash at this very step
+
+
+def commit(run_dir: Path, step: int, tmp: Path, files: dict, fmt: str, keep: int) -> Path:
+    """Rename a finished temporary step folder into place, write its marker last, drop old checkpoints."""
+    final = Path(run_dir) / "checkpoints" / f"step-{step}"
+    if final.exists():  # an uncommitted leftover of a crash at this very step, or a damaged one
         shutil.rmtree(final)
     os.replace(tmp, final)
-    marker = final / f".{COMMITTED}.tmp"
-    marker.write_text(json.dumps({"step": step, "time": time.time()}))
-    os.replace(marker, final / COMMITTED)
-    _fsync_dir(final)
+    write_marker(final, files, step=step, format=fmt)
     for _, old in committed_steps(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
-    """``--resume auto`` -> newest committed step of run_dir (or None); a path -> that committed step."""
-    if resume is None:
-        return None
-    if resume == "auto":
-        return latest_committed(run_dir)
-    path = Path(resume)
-    if path.is_dir() and (path / "checkpoints").is_dir():
-        found = latest_committed(path)
-        if found is None:
-            raise FDFastError(f"--resume {resume}: the run has no committed checkpoint; start a new run instead")
-        return found
-    if not (path / COMMITTED).is_file():
-        raise FDFastError(f"--resume {resume}: not a committed checkpoint (no {COMMITTED} marker in it); "
-                          f"pass a run directory, a checkpoints/step-N directory with a marker, or 'auto'")
-    return path
-
-
 def load_checkpoint(ckpt_dir: Path) -> tuple[dict, dict]:
     """(model tensors, train state) of a committed step directory."""
+    return load_model_tensors(ckpt_dir), load_train_state(ckpt_dir)
+
+
+def load_model_tensors(ckpt_dir: Path) -> dict:
+    """student.* + proj.* as full CPU tensors (DCP: reassembled in this process, without a process group)."""
     ckpt_dir = Path(ckpt_dir)
-    tensors = load_file(str(ckpt_dir / "model.safetensors"))
-    state = torch.load(ckpt_dir / "train_state.pt", map_location="cpu", weights_only=True)
-    return tensors, state
+    return read_dcp_model(ckpt_dir) if is_dcp(ckpt_dir) else load_file(str(ckpt_dir / "model.safetensors"))
+
+
+def load_train_state(ckpt_dir: Path) -> dict:
+    return torch.load(Path(ckpt_dir) / "train_state.pt", map_location="cpu", weights_only=True)
+
+
+# ----------------------------------------------------------------------------- DCP (sharded) format
+class ShardedSaver:
+    """DCP checkpoints inside the atomic protocol: every rank writes its shards into .tmp-step-N/dcp (in a
+    background thread with ``async_save``); ``wait()`` (a collective: next save, end of run, stop) waits for
+    them, gathers each rank's file records and lets rank 0 rename the folder and write COMMITTED last."""
+
+    def __init__(self, run_dir: Path, rank: int, world_size: int, keep: int, async_save: bool):
+        import torch.distributed as dist
+        self.run_dir, self.rank, self.world, self.keep = Path(run_dir), rank, world_size, keep
+        self.async_save, self.pending = async_save, None
+        # async writes run their own collectives: a separate gloo group keeps them off the training stream
+        self.group = dist.new_group(backend="gloo") if world_size > 1 and async_save else None
+
+    def save(self, step: int, state_dict: dict, train_state: dict | None) -> None:
+        """Start saving step-N (``train_state`` from rank 0; None elsewhere)."""
+        import torch.distributed.checkpoint as dcp
+        self.wait()
+        tmp = self.run_dir / "checkpoints" / f".tmp-step-{step}"
+        try:
+            if self.rank == 0:
+                tmp = _fresh_tmp(self.run_dir, step)
+                _save_train_state(train_state, tmp)
+            self._barrier()
+            where = str(tmp / DCP_DIR)
+            if self.async_save:
+                future = dcp.async_save(state_dict, checkpoint_id=where, process_group=self.group,
+                                        no_dist=self.world == 1)
+            else:
+                dcp.save(state_dict, checkpoint_id=where, no_dist=self.world == 1)
+                future = None
+        except (OSError, dcp.api.CheckpointException) as e:
+            raise self._failed(step, e) from None
+        self.pending = (step, tmp, future)
+        if not self.async_save:
+            self.wait()
+
+    def wait(self) -> Path | None:
+        """Finish the pending save (collective); returns the committed step directory on rank 0."""
+        if self.pending is None:
+            return None
+        step, tmp, future = self.pending
+        self.pending = None
+        if future is not None:
+            from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+            try:
+                getattr(future, "upload_completion", future).result()
+            except (Exception, CheckpointException) as e:  # the writer thread's OSError, or DCP's wrapper of it
+                raise self._failed(step, e) from None
+        own = sorted(f"{DCP_DIR}/{p.name}" for p in (tmp / DCP_DIR).glob(f"__{self.rank}_*"))
+        files = self._gather(records(tmp, own))
+        if self.rank != 0:
+            self._barrier()
+            return None
+        rest = [n for n in records_names(tmp) if n not in files]  # DCP's .metadata, train_state.pt
+        files.update(records(tmp, rest))
+        final = commit(self.run_dir, step, tmp, dict(sorted(files.items())), "dcp", self.keep)
+        self._barrier()
+        return final
+
+    def _failed(self, step: int, e: Exception) -> FDFastError:
+        """One line, as for the full format; the partial folder is removed, committed ones stay."""
+        err = e if isinstance(e, OSError) else OSError(str(e).strip().splitlines()[-1] if str(e).strip() else repr(e))
+        return unwritable(self.run_dir, step, err)
+
+    def _gather(self, mine: dict) -> dict:
+        if self.world == 1:
+            return dict(mine)
+        import torch.distributed as dist
+        every = [None] * self.world
+        dist.all_gather_object(every, mine)
+        return {k: v for d in every for k, v in d.items()}
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.barrier()
+
+
+def load_sharded(ckpt_dir: Path, state_dict: dict) -> None:
+    """Fill ``state_dict`` (distributed.sharded_state: DTensor shards or whole tensors) in place from a DCP step;
+    a collective when a process group is up. DCP reshards: any world size may have written it."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    dcp.load(state_dict, checkpoint_id=str(Path(ckpt_dir) / DCP_DIR), no_dist=not dist.is_initialized())
+
+
+def records_names(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*") if p.is_file() and p.name != COMMITTED)
+
+
+def read_dcp_model(ckpt_dir: Path) -> dict:
+    """The "model" part of a DCP checkpoint (student.* + proj.* as full CPU tensors), read in this process
+    alone: DCP reassembles the shards, whatever world size wrote them; the optimizer state is not read."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = FileSystemReader(str(Path(ckpt_dir) / DCP_DIR))
+    meta = reader.read_metadata().state_dict_metadata
+    model = {k[len("model."):]: torch.empty(tuple(m.size), dtype=m.properties.dtype)
+             for k, m in meta.items() if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+    if not model:
+        raise FDFastError(f"{ckpt_dir}: its DCP checkpoint holds no model tensors; it was not written by fdfast train")
+    state = {"model": model}
+    dcp.load(state, storage_reader=reader, no_dist=True)
+    return state["model"]
+
+
+# ----------------------------------------------------------------------------- the student alone
+def save_student(run_dir: Path, student_state: dict, model_meta: dict) -> Path:
+    """DIR/student.safetensors (timm keys) and the run's COMMITTED record of it, both atomic."""
+    path = Path(run_dir) / "student.safetensors"
+    (Path(run_dir) / COMMITTED).unlink(missing_ok=True)  # a kill before the new record: no record, not a wrong one
+    atomic_save_safetensors(student_state, path, metadata={STUDENT_META_KEY: json.dumps(model_meta)})
+    write_marker(run_dir, records(run_dir, [path.name]), final=True)
+    return path
 
 
 def _read_meta(path: Path) -> dict:
@@ -145,29 +403,43 @@ def _read_meta(path: Path) -> dict:
     return json.loads(meta[STUDENT_META_KEY])
 
 
-def read_student(path) -> tuple[dict, dict]:
-    """(ModelConfig dict, student state dict with timm keys) from a run dir, a step dir, or a .safetensors.
-
-    A run directory without a final student.safetensors (a run still going, or crashed) gives the student of
-    its newest committed checkpoint.
-    """
+def student_source(path) -> Path:
+    """The verified file or step directory that holds the student of a run dir, step dir or .safetensors file."""
     path = Path(path)
     if path.is_dir():
         if (path / "student.safetensors").is_file():
             path = path / "student.safetensors"
-        elif (path / "model.safetensors").is_file():
+        elif STEP_DIR.match(path.name) or (path / "model.safetensors").is_file() or is_dcp(path):
             if not (path / COMMITTED).is_file():
                 raise FDFastError(f"{path} is an uncommitted (incomplete) checkpoint; use a committed step")
-            path = path / "model.safetensors"
+            return verify(path)
         else:
-            latest = latest_committed(path)
+            latest = latest_intact(path)
             if latest is None:
-                raise FDFastError(f"{path} holds neither student.safetensors nor a committed checkpoint")
-            path = latest / "model.safetensors"
+                raise FDFastError(f"{path} holds neither student.safetensors nor an intact committed checkpoint")
+            return latest
     if not path.is_file():
         raise FDFastError(f"no such checkpoint: {path}")
-    model_cfg = _read_meta(path)
-    tensors = load_file(str(path))
+    verify_file(path)
+    return path
+
+
+def read_student(path) -> tuple[dict, dict]:
+    """(ModelConfig dict, student state dict with timm keys) from a run dir, a step dir, or a .safetensors,
+    verified against its COMMITTED record (a damaged file is one FDFastError naming it).
+
+    A run directory without a final student.safetensors (a run still going, or crashed) gives the student of
+    its newest intact committed checkpoint; a DCP step is read without a process group.
+    """
+    src = student_source(path)
+    if src.is_dir():
+        if is_dcp(src):
+            tensors, state = load_checkpoint(src)
+            student, _ = split_trainable(tensors)
+            return state["config"]["model"], student
+        src = src / "model.safetensors"
+    model_cfg = _read_meta(src)
+    tensors = load_file(str(src))
     if any(k.startswith("student.") for k in tensors):
         tensors, _ = split_trainable(tensors)
     return model_cfg, tensors

@@ -1,7 +1,8 @@
 """The ``fdfast`` command: parse -> config -> call. Each subcommand lives in its own module.
 
-A command module exposes ``register(subparsers)`` (adds its parser, sets ``func``) ; bad input raises
-FDFastError, printed here as one line with exit code 2 (no traceback).
+A command module exposes ``register(subparsers)`` (adds its parser, sets ``func``); bad input raises
+FDFastError, printed here as one line with exit code 2 (no traceback). COMMANDS lists exactly the commands
+that exist: a listed module that fails to import is an error, never a silently missing command.
 """
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ import sys
 
 from fdfast.errors import FDFastError
 
-# (command, module): a module that does not exist yet simply leaves its command out.
+# (command, the module whose register() adds it); one module may register several commands.
 COMMANDS = [
     ("train", "fdfast.train"),
     ("finetune", "fdfast.finetune"),
-    ("linprobe", "fdfast.finetune"),
+    ("knn", "fdfast.evaluate"),
+    ("linprobe", "fdfast.evaluate"),
     ("diagnose", "fdfast.diagnostics.command"),
     ("export", "fdfast.models.export"),
     ("plan", "fdfast.plan"),
@@ -28,18 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     from fdfast import __version__
     parser.add_argument("--version", action="version", version=f"fdfast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    registered = set()
-    for _, module_name in COMMANDS:
-        if module_name in registered:
-            continue
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name and module_name.startswith(e.name):
-                continue  # that command has not been built
-            raise
-        module.register(sub)
-        registered.add(module_name)
+    for module_name in dict.fromkeys(m for _, m in COMMANDS):  # each module once, in listed order
+        importlib.import_module(module_name).register(sub)
+    listed = [c for c, _ in COMMANDS]
+    if sorted(sub.choices) != sorted(listed):  # a programming error: COMMANDS and the modules disagree
+        raise RuntimeError(f"fdfast.cli.COMMANDS lists {listed}, but its modules registered {list(sub.choices)}")
     return parser
 
 

@@ -1,35 +1,38 @@
 """One dataclass tree for a run (model/teacher/data/optim/loss/ckpt/dist/runtime) <-> YAML.
 
-Recipes are YAML files in ``fdfast/recipes``; ``--set a.b=value`` overrides a key. Unknown keys are errors
-that name the key and the nearest valid one.
+Recipes are YAML files in ``fdfast/recipes``; ``--set a.b=value`` overrides a key. This module is the one place
+a config is checked: unknown keys, wrong types, choices (``Literal[...]`` fields) and ranges are errors that name
+the key, the allowed values and the nearest valid one, raised while the config is built.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from fdfast.errors import FDFastError
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
+FINETUNE_PREFIX = "ft_"  # recipes/ft_*.yaml are fine-tuning recipes (fdfast finetune); the others are FD recipes
 
 
 @dataclass
 class ModelConfig:
     """The student."""
-    arch: str = "vit"  # vit (BEiT-style, shared relative position bias) | swinv2
+    arch: Literal["vit", "swinv2"] = "vit"  # vit: BEiT-style, shared relative position bias
     size: str = "tiny"  # tiny | small | base | large (vit); tiny | small | base | large | fd | giant (swinv2)
     patch_size: int = 16
     img_size: int = 224
     drop_path: float = 0.1  # max of the linear ramp over depth
-    pos_bias: str = "shared"  # shared | per_block | abs (the paper's ablation; shared is FD's)
-    attention: str = "auto"  # rpb attention backend: auto | triton | reference
+    pos_bias: Literal["shared", "per_block", "abs"] = "shared"  # the paper's ablation; shared is FD's
+    attention: Literal["auto", "triton", "sdpa", "reference"] = "auto"  # rpb attention backend
     kwargs: dict = field(default_factory=dict)  # extra timm model kwargs
 
 
@@ -38,21 +41,22 @@ class TeacherConfig:
     name: str = "vit_small_patch14_dinov2"  # a registry name or any timm model name
     weights: str | None = None  # local file; None: the registry's default source
     img_size: int | None = None  # None: the student's img_size
-    align: str = "bilinear"  # how a teacher grid is resized to the student grid: bilinear | area
+    align: Literal["bilinear", "area"] = "bilinear"  # how a teacher grid is resized to the student grid
+    drop_path: float = 0.0  # the paper's is 0 (asymmetric: only the student drops paths); > 0: the ablation
     kwargs: dict = field(default_factory=dict)
 
 
 @dataclass
 class DataConfig:
     path: str | None = None  # image folder (class subfolders or flat) or file list; None: the demo images
-    loader: str = "auto"  # auto | dali | torch | synthetic
+    loader: Literal["auto", "dali", "torch", "synthetic"] = "auto"
     batch_size: int = 32  # per device, per micro-step
     num_workers: int = 2
     scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
     ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
     hflip: float = 0.5
     seed: int = 0
-    check: str = "fast"  # file check before reading, cached: fast (header + end marker) | full (decode) | off
+    check: Literal["fast", "full", "off"] = "fast"  # cached file check: fast = header + end marker, full = decode
     cache_dir: str | None = None  # where file-check results are cached; None: $FDFAST_CACHE/filecheck
 
 
@@ -68,34 +72,46 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     clip_grad: float | None = 3.0
     accum_steps: int = 1
-    fused: str = "auto"  # fused AdamW: auto (on CUDA) | true | false
+    fused: Literal["auto", "true", "false"] = "auto"  # fused AdamW; auto: on CUDA and the CPU
 
 
 @dataclass
 class LossConfig:
-    beta: float = 2.0
+    beta: float = 2.0  # smooth-L1's beta (kind smooth_l1 only)
     eps: float = 1e-5
-    whiten: bool = True
-    backend: str = "auto"  # auto | triton | torch | reference
+    whiten: bool = True  # the paper's LayerNorm without affine on the target
+    backend: Literal["auto", "triton", "torch", "reference"] = "auto"
+    # what is distilled: tokens = the full feature map (the paper's); cls = the CLS token (mean-pooled token for
+    # models without one); embedding = the teacher's final pooled output (CLIP projection / classifier logits)
+    target: Literal["tokens", "cls", "embedding"] = "tokens"
+    kind: Literal["smooth_l1", "l2", "cosine"] = "smooth_l1"  # fused Triton kernel: smooth_l1, l2 (FUSED_LOSS_KINDS)
+
+
+FUSED_LOSS_KINDS = ("smooth_l1", "l2")  # loss kinds with a fused Triton kernel (kernels/fd_loss.py TRITON_KINDS)
 
 
 @dataclass
 class CkptConfig:
     every: int = 100  # steps between checkpoints (0: only the final one)
     keep: int = 2  # committed checkpoints kept on disk (the newest)
+    # full: one process writes the gathered state (safetensors + torch.save); dcp: torch.distributed.checkpoint,
+    # every rank its own shards, resumable on another world size; auto: dcp when FSDP2 shards, else full
+    format: Literal["auto", "full", "dcp"] = "auto"
+    async_save: bool = True  # dcp: write in a background thread, committed at the next save / the end
 
 
 @dataclass
 class DistConfig:
-    strategy: str = "auto"  # auto | none | ddp | fsdp
+    strategy: Literal["auto", "none", "ddp", "fsdp"] = "auto"  # auto: DDP under torchrun
     activation_checkpointing: bool = False
-    compile: bool = False  # torch.compile each block
+    # torch.compile the student's blocks and the teacher; auto: when the run is long enough to repay the compile
+    compile: Literal["auto", "true", "false"] = "auto"
 
 
 @dataclass
 class RuntimeConfig:
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA / CPUs with native bf16
     seed: int = 0
     log_every: int = 10
     progress: bool = True
@@ -122,7 +138,45 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
-        return _build(cls, d, prefix="")
+        """A checked Config from plain data (a recipe, a saved config.yaml, --set overrides)."""
+        return validate(_build(cls, d, prefix=""))
+
+
+def validate(cfg: Config) -> Config:
+    """Choices and ranges, checked in place; from_dict calls it, train() again for a config built in code."""
+    check_choices(cfg)
+    o = cfg.optim
+    if o.steps < 1:
+        raise FDFastError(f"the step count must be >= 1, got {o.steps} (--steps N)")
+    for key, value, low in (("optim.warmup_steps", o.warmup_steps, 0), ("data.batch_size", cfg.data.batch_size, 1),
+                            ("optim.accum_steps", o.accum_steps, 1), ("runtime.log_every", cfg.runtime.log_every, 1),
+                            ("ckpt.every", cfg.ckpt.every, 0), ("ckpt.keep", cfg.ckpt.keep, 1)):
+        if value < low:
+            raise FDFastError(f"{key} must be >= {low}, got {value}")
+    if o.base_lr <= 0:
+        raise FDFastError(f"optim.base_lr must be > 0, got {o.base_lr}")
+    if not 0 <= cfg.teacher.drop_path < 1:
+        raise FDFastError(f"teacher.drop_path must be in [0, 1), got {cfg.teacher.drop_path}")
+    if cfg.loss.backend == "triton" and cfg.loss.kind not in FUSED_LOSS_KINDS:
+        raise FDFastError(f"loss.backend=triton has no fused kernel for loss.kind={cfg.loss.kind} (it covers "
+                          f"{', '.join(FUSED_LOSS_KINDS)}); use loss.backend=auto or torch")
+    if o.warmup_steps >= o.steps:  # e.g. --steps 20 on a recipe with 30 warmup steps
+        warmup = o.steps // 10
+        print(f"fdfast: optim.warmup_steps={o.warmup_steps} >= steps={o.steps}; warming up over {warmup} "
+              f"steps (10% of the run) instead", file=sys.stderr)
+        o.warmup_steps = warmup
+    return cfg
+
+
+def check_choices(tree, prefix: str = "") -> None:
+    """Every Literal field of a dataclass tree holds one of its values (a config built in code, too)."""
+    hints = typing.get_type_hints(type(tree))
+    for f in dataclasses.fields(tree):
+        value, tp = getattr(tree, f.name), hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            check_choices(value, prefix + f.name + ".")
+        elif typing.get_origin(tp) is Literal:
+            setattr(tree, f.name, _choice(value, typing.get_args(tp), prefix + f.name))
 
 
 def _to_plain(x):
@@ -138,6 +192,16 @@ def _nearest(key: str, options) -> str:
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
+def _choice(value, allowed: tuple, name: str):
+    """A Literal field's value, or one line with the allowed values and the nearest one."""
+    if isinstance(value, bool):  # YAML reads `true` as a bool; the choice is the string "true"
+        value = str(value).lower()
+    if value in allowed:
+        return value
+    raise FDFastError(f"{name} must be one of {', '.join(map(str, allowed))}, got {value!r}"
+                      f"{_nearest(str(value), [str(a) for a in allowed])}")
+
+
 def _coerce(value, tp, name: str):
     """Convert a YAML / --set value to the annotated field type, or raise FDFastError naming the key."""
     origin = typing.get_origin(tp)
@@ -149,6 +213,8 @@ def _coerce(value, tp, name: str):
         return _coerce(value, inner[0], name)
     if tp is typing.Any:
         return value
+    if origin is Literal:
+        return _choice(value, args, name)
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise FDFastError(f"config key {name!r} needs {len(args)} values like [a, b], got {value!r}")
@@ -198,8 +264,10 @@ def _build(cls, d: dict, prefix: str):
     return cls(**kwargs)
 
 
-def recipe_names() -> list[str]:
-    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+def recipe_names(finetune: bool | None = False) -> list[str]:
+    """FD recipe names (`fdfast train`); finetune=True: the fine-tuning ones; None: every recipe."""
+    stems = (p.stem for p in RECIPE_DIR.glob("*.yaml"))
+    return sorted(s for s in stems if finetune is None or s.startswith(FINETUNE_PREFIX) == finetune)
 
 
 def load_recipe(name_or_path: str) -> dict:
@@ -208,15 +276,33 @@ def load_recipe(name_or_path: str) -> dict:
     if not path.suffix:
         path = RECIPE_DIR / f"{name_or_path}.yaml"
         if not path.exists():
-            raise FDFastError(f"unknown recipe {name_or_path!r}{_nearest(name_or_path, recipe_names())}; "
-                              f"choose one of {recipe_names()} or pass a YAML file")
+            names = recipe_names(finetune=None)
+            raise FDFastError(f"unknown recipe {name_or_path!r}{_nearest(name_or_path, names)}; "
+                              f"choose one of {names} or pass a YAML file")
     elif not path.exists():
         raise FDFastError(f"recipe file {str(path)!r} does not exist")
-    try:
-        d = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise FDFastError(f"recipe {str(path)!r} is not valid YAML: {e}") from None
+    d = read_yaml(path, "recipe")
     d.setdefault("recipe", path.stem)
+    return d
+
+
+def read_yaml(path: Path, what: str = "config file") -> dict:
+    """A YAML file holding a mapping (a recipe, a run's config.yaml), or one FDFastError naming the file and the
+    line and column of a syntax error (PyYAML's own message spans several lines)."""
+    try:
+        d = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise FDFastError(f"{what} {str(path)!r} is not valid YAML{where}: {problem}; fix the file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise FDFastError(f"cannot read {what} {str(path)!r}: {e}") from None
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise FDFastError(f"{what} {str(path)!r} must be a YAML mapping of sections (model:, data:, optim:, ...), "
+                          f"got a {type(d).__name__}")
     return d
 
 
@@ -246,10 +332,9 @@ def apply_overrides(d: dict, overrides: dict[str, Any]) -> dict:
 
 
 def load_config(recipe: str = "demo", overrides: dict[str, Any] | None = None) -> Config:
-    """Recipe + overrides -> validated Config."""
+    """FD recipe + overrides -> validated Config."""
+    if Path(recipe).stem.startswith(FINETUNE_PREFIX):
+        raise FDFastError(f"recipe {recipe!r} is a fine-tuning recipe: run it with `fdfast finetune MODEL {recipe}`, "
+                          f"or train with an FD recipe, one of {recipe_names()}")
     d = apply_overrides(load_recipe(recipe), overrides or {})
     return Config.from_dict(d)
-
-
-def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(cfg.to_yaml())

@@ -16,14 +16,14 @@ class FDLoss(nn.Module):
     """
 
     def __init__(self, student_dim: int, teacher_dim: int, beta: float = 2.0, eps: float = 1e-5,
-                 whiten: bool = True, backend: str = "auto"):
+                 whiten: bool = True, backend: str = "auto", kind: str = "smooth_l1"):
         super().__init__()
         self.proj = nn.Linear(student_dim, teacher_dim)
-        self.beta, self.eps, self.whiten, self.backend = beta, eps, whiten, backend
+        self.beta, self.eps, self.whiten, self.backend, self.kind = beta, eps, whiten, backend, kind
 
     def forward(self, student_tokens: torch.Tensor, teacher_tokens: torch.Tensor) -> torch.Tensor:
         return fd_loss(student_tokens, teacher_tokens, self.proj.weight, self.proj.bias, beta=self.beta,
-                       eps=self.eps, whiten=self.whiten, backend=self.backend)
+                       eps=self.eps, whiten=self.whiten, backend=self.backend, kind=self.kind)
 
     def extra_repr(self) -> str:
-        return f"beta={self.beta}, eps={self.eps}, whiten={self.whiten}, backend={self.backend!r}"
+        return f"beta={self.beta}, eps={self.eps}, whiten={self.whiten}, backend={self.backend!r}, kind={self.kind!r}"

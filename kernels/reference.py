@@ -11,10 +11,7 @@ import torch
 import torch.nn.functional as F
 
 
-def whiten(teacher_tokens: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """The paper's "whitening": LayerNorm over channels without affine parameters, in fp32."""
-    t = teacher_tokens.float()
-    return F.layer_norm(t, t.shape[-1:], eps=eps)
+LOSS_KINDS = ("smooth_l1", "l2", "cosine")
 
 
 def smooth_l1(diff: torch.Tensor, beta: float) -> torch.Tensor:
@@ -33,15 +30,24 @@ def fd_loss_reference(
     beta: float = 2.0,
     eps: float = 1e-5,
     whiten_target: bool = True,
+    kind: str = "smooth_l1",
 ) -> torch.Tensor:
-    """mean over B*N*Ct of smooth_l1_beta(S @ W^T + b - LN_noaffine(T)); math in fp32 (fp64 stays fp64).
+    """The FD objective between pred = S @ W^T + b and target = LN_noaffine(T) (or T); math in fp32 (fp64 stays).
 
-    The teacher side never receives a gradient (it is the frozen target).
+    kind "smooth_l1": mean over B*N*Ct of smooth_l1_beta(pred - target) (the paper's; beta 0 = L1);
+    "l2": mean over B*N*Ct of (pred - target)^2; "cosine": mean over B*N tokens of 1 - cos(pred, target)
+    (``F.cosine_similarity`` over channels, eps 1e-8). The teacher side never receives a gradient.
     """
+    if kind not in LOSS_KINDS:
+        raise ValueError(f"fd_loss: unknown kind {kind!r}; choose one of {LOSS_KINDS}")
     compute = torch.float64 if student_tokens.dtype == torch.float64 else torch.float32
     pred = F.linear(student_tokens.to(compute), weight.to(compute), None if bias is None else bias.to(compute))
     t = teacher_tokens.detach().to(compute)
     target = F.layer_norm(t, t.shape[-1:], eps=eps) if whiten_target else t
+    if kind == "l2":
+        return (pred - target).square().mean()
+    if kind == "cosine":
+        return (1 - F.cosine_similarity(pred, target.to(pred.dtype), dim=-1)).mean()
     return smooth_l1(pred - target, beta).mean()
 
 

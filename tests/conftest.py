@@ -1,14 +1,18 @@
-"""Test environment: Triton kernels run on the CPU through the interpreter; no hub lookups."""
+"""Test environment: Triton kernels run through the interpreter when there is no CUDA device; no hub lookups."""
 import os
 
+import torch  # torch.cuda.is_available() does not import triton
+
 # Both must be set before triton / huggingface_hub are imported (triton.jit reads TRITON_INTERPRET).
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# On a GPU machine the kernels compile for the device: the interpreter would copy every tensor to the host,
+# get bf16 wrong and be slow, so `pytest -m gpu` there runs the real kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 import pytest  # noqa: E402
 import timm  # noqa: E402
-import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 

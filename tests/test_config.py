@@ -2,7 +2,7 @@
 import pytest
 import yaml
 
-from fdfast.config import Config, load_config, parse_override, recipe_names
+from fdfast.config import Config, load_config, parse_override, recipe_names, validate
 from fdfast.errors import FDFastError
 
 
@@ -33,10 +33,34 @@ def test_overrides_are_typed():
     ({"optim.steps": "many"}, r"'optim.steps' needs a whole number, got 'many'"),
     ({"optim.steps": 2.5}, r"whole number"),
     ({"data.scale": [0.1]}, r"needs 2 values"),
+    ({"optim.steps": 0}, r"step count must be >= 1, got 0"),
+    ({"ckpt.keep": 0}, r"ckpt.keep must be >= 1, got 0"),
+    ({"optim.base_lr": 0}, r"optim.base_lr must be > 0"),
+    ({"runtime.precision": "bf61"}, r"runtime.precision must be one of auto, fp32, bf16, fp16, got 'bf61' "
+                                    r"\(did you mean 'bf16'\?\)"),
 ])
 def test_bad_keys_and_values_name_the_key(overrides, match):
     with pytest.raises(FDFastError, match=match):
         load_config("demo", overrides)
+
+
+def test_a_config_built_in_code_is_checked_too():
+    cfg = Config()
+    cfg.dist.strategy = "fsdq"
+    with pytest.raises(FDFastError, match=r"dist.strategy must be one of auto, none, ddp, fsdp, got 'fsdq'"):
+        validate(cfg)
+
+
+def test_choice_values_and_warmup_are_normalised(capsys):
+    cfg = load_config("demo", {"optim.fused": True, "optim.steps": 20, "optim.warmup_steps": 30})
+    assert cfg.optim.fused == "true"  # YAML's boolean true is the choice "true", not "True"
+    assert cfg.optim.warmup_steps == 2 and "warming up over 2 steps" in capsys.readouterr().err
+
+
+def test_fd_and_finetune_recipes_are_kept_apart(tmp_path):
+    assert not any(n.startswith("ft_") for n in recipe_names())
+    with pytest.raises(FDFastError, match=r"is a fine-tuning recipe: run it with `fdfast finetune MODEL"):
+        load_config(str(tmp_path / "ft_mine.yaml"))
 
 
 def test_unknown_recipe_suggests_nearest():

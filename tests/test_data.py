@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from fdfast.config import DataConfig
 from fdfast.data import build_fd_loader, build_labeled_loader, resolve_loader, write_summary
@@ -18,7 +19,7 @@ from fdfast.errors import FDFastError
 
 HAS_DALI = resolve_loader("auto") == "dali"
 LOADERS = ["torch", pytest.param("dali", marks=pytest.mark.skipif(not HAS_DALI, reason="nvidia-dali not installed"))]
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as most teachers use
+MEAN, STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # ImageNet's, as most teachers use
 SIZE = 32
 
 
@@ -344,8 +345,12 @@ def test_bad_augmentation_settings_are_named(mixed_dir):
 
 
 def test_no_data_path_reads_the_demo_images(mixed_dir, monkeypatch):
-    import fdfast.demo
-    monkeypatch.setattr(fdfast.demo, "demo_image_dir", lambda: mixed_dir)
+    from fdfast.data import sources
+    from fdfast.demo.photos import demo_image_dir
+
+    assert sources.DEFAULT_SOURCE == "demo-images"
+    assert sources._entry("demo-images").fn is demo_image_dir  # registered by the demo plugin
+    monkeypatch.setitem(sources._SOURCES, "demo-images", sources.DataSource("demo-images", lambda: mixed_dir, ""))
     loader = build_fd_loader(DataConfig(path=None, loader="torch", num_workers=0), image_size=SIZE, mean=MEAN,
                              std=STD, batch_size=2)
     assert loader.files.root == mixed_dir and next(loader).shape == (2, 3, SIZE, SIZE)

@@ -1,4 +1,4 @@
-"""Demo assets (fdfast.demo): strict ONNX -> timm conversion, parity with onnxruntime, the EfficientNet
+"""Demo assets (the fdfast.demo package): strict ONNX -> timm conversion, parity with onnxruntime, the EfficientNet
 cat, the scikit-image photos, idempotence, races and the missing-package errors.
 
 One fresh cache per module (FDFAST_CACHE -> a tmp dir), so each asset is converted once here.
@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from fdfast import demo
+from fdfast.demo import dinov2_onnx
 from fdfast.errors import FDFastError
 
 pytest.importorskip("onnx")
@@ -65,14 +66,6 @@ def _timm_model(name_kwargs, path):
     return model.eval()
 
 
-def test_cache_dir_env_and_default(tmp_path, monkeypatch):
-    monkeypatch.setenv("FDFAST_CACHE", str(tmp_path / "a" / "b"))
-    assert demo.cache_dir() == tmp_path / "a" / "b" and (tmp_path / "a" / "b").is_dir()
-    monkeypatch.delenv("FDFAST_CACHE")
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert demo.cache_dir() == tmp_path / "home" / ".cache" / "fdfast"
-
-
 def test_dinov2_strict_mapping(dinov2_file, cache):
     import onnx
     from onnx import numpy_helper
@@ -105,7 +98,7 @@ def test_dinov2_strict_mapping(dinov2_file, cache):
 
 
 def test_dinov2_mapping_reports_leftovers(cache, monkeypatch):
-    monkeypatch.delitem(demo._NAMED, "backbone.layernorm.bias")
+    monkeypatch.delitem(dinov2_onnx._NAMED, "backbone.layernorm.bias")
     with pytest.raises(FDFastError) as e:
         demo.dinov2_state_dict_from_onnx()
     assert "norm.bias" in str(e.value) and "backbone.layernorm.bias" in str(e.value)

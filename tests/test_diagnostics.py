@@ -356,9 +356,21 @@ def test_fdfast_diagnose_bad_input_is_a_one_line_error(tmp_path, capsys, argv, m
     assert message in err and err.count("\n") == 1
 
 
+class _FixedTeacher(nn.Module):
+    """A stand-in teacher: the same [B, h*w, Ct] tokens (no prefix) for any images."""
+
+    def __init__(self, tokens, grid):
+        super().__init__()
+        self.tokens, self.grid, self.num_prefix_tokens, self.dim = tokens, grid, 0, tokens.shape[-1]
+
+    def forward(self, images):
+        return self.tokens
+
+
 def test_landscape_losses_match_their_definitions_at_the_weights():
-    from fdfast.diagnostics.landscape import cross_entropy_loss, fd_loss, patch_tokens, representation_drift_loss
+    from fdfast.diagnostics.landscape import cross_entropy_loss, fd_loss, representation_drift_loss
     from fdfast.kernels.reference import fd_loss_reference
+    from fdfast.models import tokens as tk
     model = _vit().eval()
     x, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     with torch.no_grad():
@@ -367,9 +379,38 @@ def test_landscape_losses_match_their_definitions_at_the_weights():
         assert representation_drift_loss(x, model, batch_size=3)(model).item() == pytest.approx(0.0, abs=1e-7)
         teacher = torch.randn(4, 4, 4, 10)  # [B, h, w, Ct] on the student's 4x4 grid
         weight, bias = torch.randn(10, 48) * 0.1, torch.randn(10) * 0.1
-        got = fd_loss(x, teacher, model, batch_size=3, projection=(weight, bias))(model).item()
-        tokens = patch_tokens(model, x).flatten(1, 2)
+        got = fd_loss(x, _FixedTeacher(teacher.flatten(1, 2), (4, 4)), model, projection=(weight, bias))(model).item()
+        # the teacher has no CLS token, so the student's is dropped: patch tokens only
+        tokens = tk.patch_map(tk.final_tokens(model, x), tk.geometry(model)).flatten(1, 2)
         assert got == pytest.approx(fd_loss_reference(tokens, teacher.flatten(1, 2), weight, bias).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("batch_size", [None, 3])
+def test_landscape_centre_is_the_training_loss(batch_size):
+    """The FD landscape evaluates the distiller's own objective: at the centre it IS the training loss."""
+    from fdfast.config import LossConfig
+    from fdfast.diagnostics.landscape import fd_loss
+    from fdfast.distill import FeatureDistiller
+    from fdfast.models.student import build_vit_student
+    from fdfast.models.teachers import build_teacher
+    torch.manual_seed(0)
+    student = build_vit_student("tiny", patch_size=8, img_size=32, drop_path=0.0, depth=2).eval()
+    teacher = build_teacher("vit_tiny_patch16_224", "random", img_size=48, depth=1)  # 3x3 grid -> resized to 4x4
+    distiller = FeatureDistiller(student, teacher, LossConfig(backend="torch")).eval()
+    with torch.no_grad():
+        distiller.fd_loss.proj.weight.normal_(0, 0.1)
+        distiller.fd_loss.proj.bias.normal_(0, 0.1)
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        training_loss = distiller(x).item()
+    projection = (distiller.fd_loss.proj.weight.detach().clone(), distiller.fd_loss.proj.bias.detach().clone())
+    loss_fn = fd_loss(x, teacher, student, projection=projection, batch_size=batch_size)
+    curve = landscape_1d(student, loss_fn, steps=3, span=0.5, progress=False)
+    assert curve["alphas"][1] == 0.0
+    assert abs(curve["losses"][1] - training_loss) <= 1e-6, (curve["losses"][1], training_loss)
+    assert min(abs(curve["losses"][k] - training_loss) for k in (0, 2)) > 1e-4  # the weights do move along it
+    fitted = fd_loss(x, teacher, student, batch_size=batch_size)(student).item()
+    assert fitted < training_loss  # the ridge read-out beats a random projection
 
 
 def test_diagnose_an_exported_timm_file_gives_the_runs_attention(tiny_run, tmp_path):

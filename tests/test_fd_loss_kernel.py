@@ -37,9 +37,9 @@ def loss_and_grads(fn, S, T, W, b, **kw):
     return loss.detach(), [g.detach() for g in torch.autograd.grad(loss, params)]
 
 
-def reference_fp64(S, T, W, b, beta=2.0, whiten=True):
+def reference_fp64(S, T, W, b, beta=2.0, whiten=True, kind="smooth_l1"):
     up = [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in (S, T, W, b)]
-    return loss_and_grads(fd_loss_reference, *up, beta=beta, whiten_target=whiten)
+    return loss_and_grads(fd_loss_reference, *up, beta=beta, whiten_target=whiten, kind=kind)
 
 
 def rel_err(x, ref):
@@ -97,16 +97,31 @@ def test_fp16_error_no_worse_than_plain_fp16_pytorch(backend):
         assert rel_err(k, r) <= 2 * rel_err(n, r) + 2**-12, f"{name}: {rel_err(k, r):.2e} vs naive {rel_err(n, r):.2e}"
 
 
+# GPU-like small tiles in the interpreter: many tiles in grouped order, partial sums over 3 x 5 tiles
+SMALL_TILES = {"stats": dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1),
+               "fwd": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1),
+               "dS": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)}
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_backward_is_bit_identical_across_runs(backend, monkeypatch):
-    monkeypatch.setattr(fd, "_dw_split", lambda *a: 3)  # the multi-chunk dW / db reduction path (GPU default)
-    S, T, W, b = make_inputs(2, 197, 72, 40, torch.float32)
+    monkeypatch.setattr(fd, "INTERPRETER_TILES", SMALL_TILES)  # many tiles: the grouped order and partials
+    S, T, W, b = make_inputs(1, 45, 72, 40, torch.float32)
     first = loss_and_grads(fd_loss, S, T, W, b, backend=backend)
     for _ in range(2):
         again = loss_and_grads(fd_loss, S, T, W, b, backend=backend)
         assert torch.equal(again[0], first[0])
         assert all(torch.equal(x, y) for x, y in zip(again[1], first[1]))
     assert_close_to_reference(first, reference_fp64(S, T, W, b), torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["smooth_l1", "l2"])
+def test_small_grouped_tiles_match_reference(kind, monkeypatch):
+    """Ragged last tiles on every axis (49 rows, Ct 40, Cs 72 over 16-wide tiles) in the grouped order."""
+    monkeypatch.setattr(fd, "INTERPRETER_TILES", SMALL_TILES)
+    S, T, W, b = make_inputs(1, 49, 72, 40, torch.float16)
+    got = loss_and_grads(fd_loss, S, T, W, b, backend="triton", kind=kind)
+    assert_close_to_reference(got, reference_fp64(S, T, W, b, kind=kind), torch.float16)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -125,6 +140,56 @@ def test_mixed_dtypes_like_amp(backend):
     loss, (dS, dW, db) = loss_and_grads(fd_loss, S, T, W, b, backend=backend)
     assert (dS.dtype, dW.dtype, db.dtype) == (torch.float16, torch.float32, torch.float32)
     assert_close_to_reference((loss, [dS, dW, db]), reference_fp64(S, T, W, b), torch.float16)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", ["l2", "cosine"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_other_kinds_match_fp64_reference(kind, dtype, backend):
+    if backend == "triton" and kind == "cosine":
+        pytest.skip("cosine has no fused kernel: test_cosine_on_triton_is_a_clear_error")
+    S, T, W, b = make_inputs(2, 49, 40, 72, dtype)
+    got = loss_and_grads(fd_loss, S, T, W, b, backend=backend, kind=kind)
+    assert_close_to_reference(got, reference_fp64(S, T, W, b, kind=kind), dtype)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", ["l2", "cosine"])  # smooth_l1: test_gradcheck_fp64
+def test_kinds_gradcheck_fp64(kind, backend):
+    if backend == "triton" and kind == "cosine":
+        pytest.skip("cosine has no fused kernel")
+    S, T, W, b = make_inputs(1, 5, 6, 7, torch.float64)
+    T = T.detach()
+    assert torch.autograd.gradcheck(lambda s, w, c: fd_loss(s, T, w, c, beta=1.0, backend=backend, kind=kind),
+                                    (S, W, b))
+
+
+def test_cosine_on_triton_is_a_clear_error_and_auto_takes_torch():
+    S, T, W, b = make_inputs(1, 9, 8, 16, torch.float32)
+    with pytest.raises(ValueError, match="kind='cosine' has no fused Triton kernel"):
+        fd_loss(S, T, W, b, backend="triton", kind="cosine")
+    assert fd.resolve_backend(S, "auto", "cosine") == "torch"
+    with pytest.raises(ValueError, match="unknown kind 'huber'"):
+        fd_loss(S, T, W, b, kind="huber")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["reference"])
+def test_follows_autocast_like_f_linear(backend):
+    """Under autocast S, W, b are cast to the autocast dtype (fp16 here: the interpreter gets bf16 wrong) as
+    F.linear does, so the loss equals the fp64 loss of the fp16-rounded inputs; grads come back in fp32."""
+    S, T, W, b = make_inputs(2, 49, 40, 72, torch.float32)
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss, grads = loss_and_grads(fd_loss, S, T, W, b, backend=backend)
+    assert [g.dtype for g in grads] == [torch.float32] * 3
+    rounded = [t.detach().half().float().requires_grad_() for t in (S, W, b)]
+    ref = reference_fp64(rounded[0], T, rounded[1], rounded[2])
+    assert rel_err(loss, ref[0]) <= 2e-3  # the reference rounds pred to fp16 too (F.linear's output)
+    if backend != "reference":
+        # the kernel's pred is an fp32 accumulation of fp16 products: fp32-close to the rounded-input loss
+        assert rel_err(loss, ref[0]) <= 1e-5
+        assert_close_to_reference((loss, grads), ref, torch.float16)
+    fp32 = loss_and_grads(fd_loss, S, T, W, b, backend=backend)
+    assert not torch.equal(fp32[0], loss)  # autocast changed the operands: this test could fail
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -199,7 +264,7 @@ def test_bad_options_raise_clear_value_errors():
 
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(fd, "_INTERPRET", False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     S, T, W, b = make_inputs(2, 9, 8, 16, torch.float32)
     with pytest.raises(ValueError, match="needs CUDA tensors, or TRITON_INTERPRET=1"):
         fd_loss(S, T, W, b, backend="triton")
@@ -242,3 +307,17 @@ def test_gpu_auto_is_triton_and_lean():
     eager = peak(fd_loss_reference)
     fused = peak(fd_loss)
     assert fused <= 0.4 * eager, f"fused peak {fused / 2**20:.0f} MiB vs eager {eager / 2**20:.0f} MiB"
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("kind", ["smooth_l1", "l2"])
+def test_gpu_autocast_bf16_uses_bf16_operands(kind):
+    """Under bf16 autocast the fused loss equals the fp64 loss of bf16-rounded S, W, b (tensor-core path)."""
+    S, T, W, b = make_inputs(64, 197, 384, 768, torch.float32, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss, grads = loss_and_grads(fd_loss, S, T, W, b, backend="triton", kind=kind)
+    assert [g.dtype for g in grads] == [torch.float32] * 3
+    rounded = [t.detach().bfloat16().float().requires_grad_() for t in (S, W, b)]
+    ref = reference_fp64(rounded[0], T, rounded[1], rounded[2], kind=kind)
+    assert_close_to_reference((loss, grads), ref, torch.bfloat16)

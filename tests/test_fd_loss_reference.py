@@ -79,3 +79,33 @@ def test_integer_inputs_and_unknown_backend_rejected():
         fd_loss(torch.ones(1, 2, 3, dtype=torch.long), torch.randn(1, 2, 3), torch.randn(3, 3))
     with pytest.raises(ValueError, match="unknown backend"):
         fd_loss(torch.randn(1, 2, 3), torch.randn(1, 2, 3), torch.randn(3, 3), backend="cuda")
+
+
+def kind_formula(s, t, w, b, kind, eps=1e-5):
+    """Issue 16's definitions written out: l2 = mean over B*N*C of (pred - target)^2; cosine = mean over B*N of
+    1 - <pred, target> / (|pred| |target|); target = the whitened teacher tokens."""
+    pred = s @ w.T + b
+    mu = t.mean(-1, keepdim=True)
+    target = (t - mu) / torch.sqrt(((t - mu) ** 2).mean(-1, keepdim=True) + eps)
+    if kind == "l2":
+        return ((pred - target) ** 2).sum() / pred.numel()
+    cos = (pred * target).sum(-1) / (pred.norm(dim=-1) * target.norm(dim=-1))
+    return (1 - cos).sum() / cos.numel()
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("kind", ["l2", "cosine"])
+def test_loss_kinds_match_their_formula_fp64(kind, backend):
+    s = torch.randn(2, 49, 33, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 49, 17, dtype=torch.float64) * 3 + 1
+    mod = fdfast.FDLoss(33, 17, kind=kind, backend=backend).double()
+    got = mod(s, t)
+    got.backward()
+    s2, w2, b2 = (x.detach().clone().requires_grad_() for x in (s, mod.proj.weight, mod.proj.bias))
+    want = kind_formula(s2, t, w2, b2, kind)
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    for g, w in zip([s.grad, mod.proj.weight.grad, mod.proj.bias.grad], [s2.grad, w2.grad, b2.grad]):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-14)
+    assert torch.autograd.gradcheck(lambda s_, w_: fd_loss(s_, t[:1, :4], w_, None, kind=kind, backend=backend),
+                                    (s[:1, :4].detach().requires_grad_(), w2.detach().requires_grad_()))

@@ -385,3 +385,28 @@ def test_demo_teachers(name, grid, prefix, dim):
         ref = timm.create_model(timm_name, **kwargs).eval()
         ref.load_state_dict(load_file(str(demo.dinov2_s14_weights())), strict=True)
         check_parity(t, ref.forward_features(x), x)
+
+
+# ---- plugins add teachers with one call ------------------------------------------------------------------------
+
+def test_register_teacher_adds_one_complete_entry(tmp_path):
+    from fdfast.models import teachers
+    ref = timm_ref("vit_tiny_patch16_224", img_size=32, num_classes=0, **TINY_VIT)
+    save_file(ref.state_dict(), str(tmp_path / "plugin.safetensors"))
+    entry = teachers.TeacherEntry("plugin-vit-t16", "vit_tiny_patch16_224", img_size=32, mean=(0.5, 0.5, 0.5),
+                                  std=(0.25, 0.25, 0.25), timm_kwargs=dict(TINY_VIT),
+                                  default_weights=lambda: tmp_path / "plugin.safetensors")
+    teachers.register_teacher(entry)
+    try:
+        assert "plugin-vit-t16" in teacher_names()
+        t = build_teacher("plugin-vit-t16")  # weights, size and normalisation all come from the one entry
+        assert (t.img_size, t.mean, t.std, t.family) == (32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "timm")
+        x = torch.randn(2, 3, 32, 32)
+        check_parity(t, ref.forward_features(x), x)
+    finally:
+        teachers._PLUGGED.pop("plugin-vit-t16", None)
+    with pytest.raises(FDFastError, match="built-in registry name"):
+        teachers.register_teacher(teachers.TeacherEntry("dino-vit-s16", "vit_small_patch16_224"))
+    with pytest.raises(FDFastError, match="tokens must be one of"):
+        teachers.register_teacher(teachers.TeacherEntry("plugin-x", "resnet18", tokens="pooled"))
+    assert "plugin-x" not in teacher_names()

@@ -1,5 +1,6 @@
 """`fdfast train` end to end on tiny models: the files of the CLI contract, exact resume, clean errors."""
 import json
+import math
 
 import pytest
 import torch
@@ -7,7 +8,9 @@ import yaml
 from safetensors.torch import load_file
 
 from fdfast import checkpoint as ckpt
-from fdfast.cli import main
+from fdfast.cli import build_parser, main
+from fdfast.distributed import DistInfo
+from fdfast.train import build_optimizer, build_parts, config_from_args, train_step
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -19,7 +22,7 @@ def tiny_args(out, teacher_file, image_dir, steps=4, *extra):
             "--set", "teacher.kwargs={depth: 2}", "--set", "model.img_size=32", "--set", "model.patch_size=16",
             "--set", "model.kwargs={depth: 2}", "--set", "data.num_workers=0", "--set", "data.loader=torch",
             "--set", "runtime.log_every=1", "--set", "ckpt.every=2", "--set", "optim.warmup_steps=1",
-            "--set", "runtime.tensorboard=false", *extra]
+            "--set", "runtime.tensorboard=false", "--set", "runtime.precision=fp32", *extra]  # fp32: same numbers on every CPU
 
 
 def test_train_writes_the_contract(tmp_path, teacher_file, image_dir):
@@ -163,19 +166,51 @@ def test_demo_recipe_runs_on_the_real_teacher_and_photos(tmp_path):
     assert summary["images_seen"] == 12 and summary["images_skipped"] == 0
 
 
+def tiny_parts(tmp_path, teacher_file, image_dir, *extra, batch=4):
+    """The Parts of the tiny CLI run (config from tiny_args, built by train's own build_parts), drop path off."""
+    args = tiny_args(tmp_path / "unused", teacher_file, image_dir, 3, "--set", "model.drop_path=0", *extra)
+    args[args.index("--batch-size") + 1] = str(batch)
+    cfg, _ = config_from_args(build_parser().parse_args(args))
+    parts = build_parts(cfg, DistInfo(), amp_dtype=None)
+    parts.loader.close()  # the tests feed their own images
+    return cfg, parts
+
+
 def test_grad_accumulation_equals_the_big_batch(tmp_path, teacher_file, image_dir):
     """2 micro-batches of 2 = one batch of 4: same images, same mean loss, same update (drop path off)."""
-    common = ["--set", "model.drop_path=0", "--set", "optim.clip_grad=null"]
-    big, acc = tmp_path / "big", tmp_path / "acc"
-    assert main(tiny_args(big, teacher_file, image_dir, 3, *common)) == 0
-    args = tiny_args(acc, teacher_file, image_dir, 3, *common, "--set", "optim.accum_steps=2")
-    args[args.index("--batch-size") + 1] = "2"
-    assert main(args) == 0
-    a = [json.loads(line) for line in (big / "metrics.jsonl").read_text().splitlines()]
-    b = [json.loads(line) for line in (acc / "metrics.jsonl").read_text().splitlines()]
-    for ra, rb in zip(a, b):
-        assert ra["lr"] == rb["lr"]  # lr follows the global batch: 4 in both
-        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
-    sa, sb = load_file(str(big / "student.safetensors")), load_file(str(acc / "student.safetensors"))
+    images = torch.randn(3, 4, 3, 32, 32, generator=torch.Generator().manual_seed(0))  # 3 steps of 4 images
+    _, big = tiny_parts(tmp_path, teacher_file, image_dir, "--set", "optim.clip_grad=null")
+    _, acc = tiny_parts(tmp_path, teacher_file, image_dir, "--set", "optim.clip_grad=null",
+                        "--set", "optim.accum_steps=2", batch=2)
+    for step in (1, 2, 3):
+        x = images[step - 1]
+        a = train_step(big.model, big.optimizer, big.scheduler, big.scaler, iter([x]), step, info=DistInfo())
+        b = train_step(acc.model, acc.optimizer, acc.scheduler, acc.scaler, iter([x[:2], x[2:]]), step,
+                       info=DistInfo(), accum_steps=2)
+        assert big.optimizer.param_groups[0]["lr"] == acc.optimizer.param_groups[0]["lr"]  # global batch 4 in both
+        assert (a.images, b.images) == (4, 4)
+        assert a.loss == pytest.approx(b.loss, rel=1e-5) and a.grad_norm == pytest.approx(b.grad_norm, rel=1e-4)
+    sa, sb = big.distiller.trainable_state(), acc.distiller.trainable_state()
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=1e-4, atol=1e-6)
+
+
+def test_a_non_finite_step_is_skipped_and_leaves_the_weights_untouched(tmp_path, teacher_file, image_dir):
+    cfg, p = tiny_parts(tmp_path, teacher_file, image_dir)
+    before = {k: v.clone() for k, v in p.distiller.trainable_state().items()}
+    bad = torch.randn(4, 3, 32, 32)
+    bad[1, :, 5, 5] = float("nan")  # one pixel of one image: its tokens, and so the mean loss, turn NaN
+    r = train_step(p.model, p.optimizer, p.scheduler, p.scaler, iter([bad]), 1, info=DistInfo(), clip_grad=3.0)
+    assert r.grad_norm is None and math.isnan(r.loss) and r.images == 4
+    after = p.distiller.trainable_state()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not p.optimizer.state  # no AdamW moment was touched either
+    _, twin = build_optimizer(p.distiller, cfg, 4, torch.device("cpu"))
+    twin.step_update(1)
+    assert p.optimizer.param_groups[0]["lr"] == twin.optimizer.param_groups[0]["lr"]  # the schedule moved on
+
+    r = train_step(p.model, p.optimizer, p.scheduler, p.scaler, iter([torch.randn(4, 3, 32, 32)]), 2,
+                   info=DistInfo(), clip_grad=3.0)  # the next finite step updates again
+    assert math.isfinite(r.loss) and r.grad_norm > 0
+    after = p.distiller.trainable_state()
+    assert sum(not torch.equal(before[k], after[k]) for k in before) > len(before) // 2

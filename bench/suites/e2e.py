@@ -1,42 +1,191 @@
-"""End-to-end FD step (teacher forward + student forward/backward + fused loss + AdamW): img/s and peak memory.
+"""End-to-end FD step (teacher forward + student forward/backward + loss + AdamW): img/s and peak memory.
 
-Providers: "reference" (plain-PyTorch attention and loss) vs "fdfast" (backend auto: Triton kernels on CUDA,
-the fastest measured CPU paths on the CPU), same models, same synthetic batch, in one run.
+CPU (issue 11): fdfast with its DEFAULTS against honest plain-PyTorch baselines written here without any fdfast
+code -- a timm teacher, a timm Beit student with one shared relative position bias, ``F.layer_norm`` +
+``F.smooth_l1_loss`` on a linear projection, ``torch.optim.AdamW`` -- in four settings (eager / compiled x fp32 /
+bf16 autocast). All providers run in one process and are timed interleaved (one step of each per round), so
+a machine shared with other work slows them alike; the table gives the median step and the ratio to the best
+baseline. fdfast decides its precision and compilation as ``fdfast train`` does for a run of RUN_STEPS steps.
+
+CUDA (issue 12): "reference" (plain-PyTorch attention and loss) vs "fdfast" (Triton kernels), same models.
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
 from fdfast.config import Config
 from fdfast.distributed import DistInfo
-from fdfast.train import build_optimizer, build_parts
+from fdfast.train import build_parts
 
-# (name, teacher timm name, teacher kwargs, student size, patch, img, batch)
-SHAPES_CPU = [("vit-ti/16 <- vit-s/16 @112", "vit_small_patch16_224", 112, "tiny", 16, 8)]
+# (name, teacher timm name, img, student size, patch, batch)
+SHAPES_CPU = [("demo: dinov2-s/14 -> vit-ti/14 @112", "vit_small_patch14_dinov2", 112, "tiny", 14, 32),
+              ("vit-ti/16 -> vit-ti/16 @224", "vit_tiny_patch16_224", 224, "tiny", 16, 16)]
 SHAPES_CUDA = [("vit-b/16 <- vit-b/16 @224", "vit_base_patch16_224", 224, "base", 16, 128),
                ("vit-s/16 <- vit-s/16 @224", "vit_small_patch16_224", 224, "small", 16, 256)]
+RUN_STEPS = 300  # the run length fdfast's auto settings plan for (the demo's)
+STUDENT_WIDTH = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}  # (width, heads), depth 12
+BASELINES = [(f"timm {'compiled' if c else 'eager'} {'bf16' if b else 'fp32'}", c, b)
+             for c in (False, True) for b in (False, True)]
 
 
-def step_time(cfg: Config, device: torch.device, repeats: int) -> tuple[list[float], float | None]:
+# ----------------------------------------------------------------------------- plain timm (no fdfast code)
+def plain_step(teacher_name: str, img: int, size: str, patch: int, compiled: bool, bf16: bool):
+    """One FD optimizer step as a user writes it with timm + torch alone; returns step()."""
+    import timm
+    from timm.models.beit import Beit
+
+    teacher = timm.create_model(teacher_name, pretrained=False, img_size=img, num_classes=0).eval()
+    teacher.requires_grad_(False)
+    width, heads = STUDENT_WIDTH[size]
+    student = Beit(img_size=img, patch_size=patch, embed_dim=width, depth=12, num_heads=heads, qkv_bias=True,
+                   init_values=0.1, drop_path_rate=0.1, num_classes=0, use_abs_pos_emb=False,
+                   use_shared_rel_pos_bias=True)
+    proj = torch.nn.Linear(width, teacher.num_features)
+    params = list(student.parameters()) + list(proj.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05)
+
+    def loss_fn(x):
+        with torch.no_grad():
+            target = teacher.forward_features(x)
+        pred = proj(student.forward_features(x))
+        target = F.layer_norm(target.float(), target.shape[-1:], eps=1e-5)
+        return F.smooth_l1_loss(pred.float(), target, beta=2.0)
+
+    if compiled:
+        loss_fn = torch.compile(loss_fn)
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+
+    def step(x):
+        with autocast():
+            loss = loss_fn(x)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 3.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach().item()
+    return step
+
+
+# ----------------------------------------------------------------------------- fdfast, defaults
+class FdfastDefault:
+    """fdfast as ``fdfast train`` runs a RUN_STEPS-step run with default settings (precision and compile auto,
+    fused AdamW): the same parts and the same step function, on fdfast's synthetic loader of the same shape."""
+
+    def __init__(self, teacher_name: str, img: int, size: str, patch: int, batch: int, device: str):
+        from fdfast.train import CompileWhenItPays, resolve_precision
+        cfg = Config.from_dict({
+            "model": {"size": size, "patch_size": patch, "img_size": img},
+            "teacher": {"name": teacher_name, "weights": "random"},
+            "data": {"loader": "synthetic", "batch_size": batch},
+            "optim": {"steps": RUN_STEPS}, "runtime": {"device": device, "progress": False}})
+        self.cfg, self.info = cfg, DistInfo(device=torch.device(device))
+        self.amp = resolve_precision(cfg.runtime.precision, self.info.device)
+        self.parts = build_parts(cfg, self.info, self.amp)
+        self.parts.distiller.train()
+        self.compiler = CompileWhenItPays(cfg.dist.compile, self.parts.distiller, self.info, cfg.dist.strategy)
+        self.step_no = 0
+
+    def __call__(self, x=None) -> float:
+        from fdfast.train import train_step
+        p, o = self.parts, self.cfg.optim
+        autocast = (lambda: torch.autocast(self.info.device.type, dtype=self.amp)) if self.amp else contextlib.nullcontext
+        self.step_no += 1
+        r = self.compiler.run(lambda: train_step(p.model, p.optimizer, p.scheduler, p.scaler, p.loader,
+                                                 min(self.step_no, o.steps), info=self.info, clip_grad=o.clip_grad,
+                                                 autocast=autocast), steps_left=max(o.steps - self.step_no, 0))
+        return r.loss
+
+    def warm_up(self) -> None:
+        """The eager steps auto-compile times, its decision, and the compile when it decides so."""
+        while self.compiler.decision is None or self.compiler.untried:
+            self()
+
+    def settings(self) -> dict:
+        return {"precision": str(self.amp), "compile": self.compiler.summary(), "fused_adamw":
+                bool(self.parts.optimizer.defaults.get("fused"))}
+
+    def close(self) -> None:
+        self.parts.loader.close()
+
+
+def time_interleaved(steps: dict, x, repeats: int, warmup: int) -> tuple[dict, dict]:
+    """({name: [wall s per step]}, {name: [process CPU s per step]}): one step of each provider per round,
+    warm-up rounds dropped. CPU seconds stay meaningful on a machine shared with other work (1 thread)."""
+    wall, cpu = {name: [] for name in steps}, {name: [] for name in steps}
+    for i in range(warmup + repeats):
+        for name, step in steps.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            step(x)
+            if i >= warmup:
+                wall[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
+    return wall, cpu
+
+
+def run_cpu(ctx) -> None:
+    from fdfast.train import cpu_flags
+    repeats, warmup = (3, 1) if ctx.quick else (8, 2)
+    shapes = SHAPES_CPU[:1] if ctx.quick else SHAPES_CPU
+    for name, teacher, img, size, patch, batch in shapes:
+        torch.manual_seed(0)
+        x = torch.randn(batch, 3, img, img)
+        steps, setup = {}, {}
+        for label, compiled, bf16 in BASELINES:
+            t0 = time.perf_counter()
+            steps[label] = plain_step(teacher, img, size, patch, compiled, bf16)
+            steps[label](x)  # the first call compiles
+            setup[label] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        fdfast = steps["fdfast default"] = FdfastDefault(teacher, img, size, patch, batch, "cpu")
+        fdfast.warm_up()
+        setup["fdfast default"] = time.perf_counter() - t0
+        wall, cpu = time_interleaved(steps, x, repeats, warmup)
+        med = {k: statistics.median(v) for k, v in wall.items()}
+        med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+        best = min((k for k in med if k.startswith("timm")), key=med.get)
+        best_cpu = min((k for k in med_cpu if k.startswith("timm")), key=med_cpu.get)
+        for provider, m in med.items():
+            ctx.record(shape=name, provider=provider, batch=batch, step_ms=m * 1e3, img_per_s=batch / m,
+                       vs_best_baseline=med[best] / m, best_baseline=best, cpu_step_ms=med_cpu[provider] * 1e3,
+                       cpu_vs_best_baseline=med_cpu[best_cpu] / med_cpu[provider], setup_s=setup[provider],
+                       steps_timed=len(wall[provider]),
+                       fdfast_settings=fdfast.settings() if provider == "fdfast default" else None,
+                       cpu_flags=" ".join(f"{k}={v}" for k, v in cpu_flags().items()))
+        fdfast.close()
+
+
+# ----------------------------------------------------------------------------- CUDA: reference vs fdfast kernels
+H200_BF16_DENSE_FLOPS = 989e12  # the peak MFU is quoted against (dense bf16 tensor cores)
+
+
+def step_time(cfg: Config, device: torch.device, repeats: int) -> tuple[list[float], float | None, float]:
+    """(seconds per timed step, peak MiB, FLOPs of one step counted by torch's FlopCounterMode on the first
+    warm-up step: exact for the reference provider; Triton kernels are invisible to the counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     info = DistInfo(device=device)
     torch.manual_seed(0)
-    distiller, loader = build_parts(cfg, info)
-    optimizer, _ = build_optimizer(distiller, cfg, cfg.data.batch_size, device)
+    parts = build_parts(cfg, info, amp_dtype=None)  # lr scaled by the global batch = cfg.data.batch_size here
+    distiller, loader, optimizer = parts.distiller, parts.loader, parts.optimizer
     amp = torch.bfloat16 if device.type == "cuda" else None
     images = next(loader).to(device)
     times = []
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    counter = FlopCounterMode(display=False)
     for i in range(repeats + 2):  # two warm-up steps
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            loss = distiller(images)
-        loss.backward()
+        with counter if i == 0 else contextlib.nullcontext():
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                loss = distiller(images)
+            loss.backward()
         optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -44,24 +193,27 @@ def step_time(cfg: Config, device: torch.device, repeats: int) -> tuple[list[flo
             times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
     loader.close()
-    return times, peak
+    return times, peak, counter.get_total_flops()
 
 
 def run(ctx) -> None:
+    if ctx.device != "cuda":
+        return run_cpu(ctx)
     device = torch.device(ctx.device)
-    shapes = SHAPES_CUDA if ctx.device == "cuda" else SHAPES_CPU
     repeats = 3 if ctx.quick else 10
-    for name, teacher, img, size, patch, batch in shapes:
-        results = {}
+    for name, teacher, img, size, patch, batch in SHAPES_CUDA[:1] if ctx.quick else SHAPES_CUDA:
+        results, flops = {}, None
         for provider, backend in (("reference", "reference"), ("fdfast", "auto")):
             cfg = Config.from_dict({
                 "model": {"size": size, "patch_size": patch, "img_size": img, "attention": backend},
                 "teacher": {"name": teacher, "weights": "random"},
                 "data": {"loader": "synthetic", "batch_size": batch},
                 "loss": {"backend": backend}, "runtime": {"device": ctx.device}})
-            times, peak = step_time(cfg, device, repeats)
+            times, peak, counted = step_time(cfg, device, repeats)
+            flops = flops or counted  # the reference's count: the same math, all of it visible to the counter
             med = statistics.median(times)
             results[provider] = med
             ctx.record(shape=name, provider=provider, batch=batch, step_ms=med * 1e3,
-                       img_per_s=batch / med, peak_mib=peak,
+                       img_per_s=batch / med, peak_mib=peak, step_tflop=flops / 1e12,
+                       mfu_vs_h200_bf16=flops / med / H200_BF16_DENSE_FLOPS,
                        speedup_vs_reference=(results["reference"] / med) if "reference" in results else None)

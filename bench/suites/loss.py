@@ -1,5 +1,9 @@
 """Benchmark of the FD loss: eager reference vs torch.compile(reference) vs fdfast, forward / backward / full.
 
+On CUDA every provider runs as training calls it: fp32 student tokens (the final norm's output) and an fp32
+projection under ``torch.autocast("cuda", bfloat16)``, so the eager and compiled baselines take bf16 tensor-core
+matmuls too (F.linear autocasts) and fdfast casts to bf16 as F.linear would (rows say ``autocast: bf16``).
+
 Times: median, 20 / 80 % quantiles and minimum in ms (``triton.testing.do_bench`` on CUDA; on the CPU a timer
 loop where the providers take turns, plus the median process CPU time ``cpu_ms``, which other users' load on
 the shared 2-core machines disturbs far less than wall time).
@@ -128,14 +132,26 @@ def _peak_cuda(setup, fn):
     return torch.cuda.max_memory_allocated() - base
 
 
+def _under_autocast(fn):
+    """fn called inside bf16 CUDA autocast (backward runs outside, as in a training step)."""
+    def call(*args):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return fn(*args)
+    return call
+
+
 def _providers(device):
-    """name -> loss function; "eager" first (the ratios' baseline). fdfast: Triton on CUDA, "auto" on the CPU."""
+    """name -> loss function; "eager" first (the ratios' baseline). fdfast: Triton on CUDA, "auto" on the CPU.
+    On CUDA all three run under bf16 autocast (see the module docstring)."""
     backend = "triton" if device == "cuda" else "auto"
-    return {
+    found = {
         "eager": fd_loss_reference,
         "compile": torch.compile(fd_loss_reference),
         "fdfast": lambda S, T, W, b: fd_loss(S, T, W, b, backend=backend),
     }
+    if device == "cuda":
+        found = {name: _under_autocast(fn) for name, fn in found.items()}
+    return found
 
 
 def _first_calls(providers, inputs):
@@ -150,11 +166,11 @@ def _first_calls(providers, inputs):
     return out
 
 
-def _bench_shape(ctx, name, B, N, CS, CT, dtype, providers):
+def _bench_shape(ctx, name, B, N, CS, CT, dtype, providers, modes=MODES):
     inputs = _inputs(B, N, CS, CT, dtype, ctx.device)
     first = _first_calls(providers, inputs)
     fdfast_backend = resolve_backend(inputs[0], "triton" if ctx.device == "cuda" else "auto")
-    for mode in MODES:
+    for mode in modes:
         steps = {provider: _step(loss_fn, inputs, mode) for provider, loss_fn in providers.items()}
         if ctx.device == "cuda":
             timing = {provider: _time_cuda(*step, mode) for provider, step in steps.items()}
@@ -174,6 +190,7 @@ def _bench_shape(ctx, name, B, N, CS, CT, dtype, providers):
                 cpu_speedup_vs_eager=eager_t[4] / cpu_ms if cpu_ms else None,
                 peak_mib=peaks[provider] / 2**20, mem_vs_eager=peaks[provider] / eager_peak if eager_peak else None,
                 mem_method=mem_method, first_call_s=first[provider][0], loss_rel_err=first[provider][1],
+                autocast="bf16" if ctx.device == "cuda" else None,
             )
         del steps
         if ctx.device == "cuda":
@@ -183,7 +200,7 @@ def _bench_shape(ctx, name, B, N, CS, CT, dtype, providers):
 def run(ctx) -> None:
     torch.manual_seed(0)
     if ctx.device == "cuda":
-        dtypes = (torch.bfloat16,) if ctx.quick else (torch.bfloat16, torch.float32)
+        dtypes = (torch.float32,)  # fp32 tokens and projection, as they arrive under autocast
         shapes = {"vit_b16": SHAPES["vit_b16"]} if ctx.quick else SHAPES
     else:
         dtypes = (torch.float32,)  # CPU training runs in fp32 (bf16 matmuls are slow on these cores)
@@ -192,4 +209,6 @@ def run(ctx) -> None:
     providers = _providers(ctx.device)
     for dtype in dtypes:
         for name, (B, N, CS, CT) in shapes.items():
-            _bench_shape(ctx, name, B, N, CS, CT, dtype, providers)
+            # --quick on CUDA (one GPU window): forward + backward only, the figure the goals name
+            modes = ("full",) if ctx.quick and ctx.device == "cuda" else MODES
+            _bench_shape(ctx, name, B, N, CS, CT, dtype, providers, modes)

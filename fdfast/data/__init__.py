@@ -6,6 +6,7 @@
 Augmentation (METHOD.md): RandomResizedCrop(S, scale=data.scale, ratio=data.ratio) + horizontal flip
 (p = data.hflip) + normalisation. Files are listed and checked once (cached), ordered by `EpochOrder`
 (seeded, reshuffled per epoch, equal disjoint shards per rank) and resumable via state_dict().
+Without data.path the loaders read the default named source (``fdfast.data.sources``, filled by plugins).
 """
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import logging
 
 from fdfast.data.base import FDLoader, check_augmentation, write_summary
 from fdfast.data.files import EpochOrder, list_images
+from fdfast.data.sources import DEFAULT_SOURCE, register_source, source_dir, source_names, source_rows
 from fdfast.errors import FDFastError
 
 __all__ = ["build_fd_loader", "build_labeled_loader", "write_summary", "resolve_loader", "list_images",
-           "FDLoader"]
+           "FDLoader", "DEFAULT_SOURCE", "register_source", "source_dir", "source_names", "source_rows"]
 
 log = logging.getLogger("fdfast.data")
 LOADERS = ("auto", "dali", "torch", "synthetic")
@@ -43,8 +45,7 @@ def resolve_loader(name: str) -> str:
 def _data_path(data_cfg) -> str:
     if data_cfg.path:
         return data_cfg.path
-    from fdfast.demo import demo_image_dir  # lazy: only runs without --data need the demo photos
-    return str(demo_image_dir())
+    return str(source_dir(DEFAULT_SOURCE))  # prepared by the plugin that registered it (the demo photos)
 
 
 def _build(data_cfg, *, image_size, mean, std, batch_size, device, rank, world_size, seed, labeled, train):

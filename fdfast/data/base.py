@@ -1,15 +1,14 @@
 """What every FD loader shares: the infinite iterator over epochs, its resumable position and its stats."""
 from __future__ import annotations
 
-import json
 import logging
-import os
 from pathlib import Path
 
 import torch
 
 from fdfast.errors import FDFastError
 from fdfast.data.files import BAD_FILES_SHOWN, EpochOrder, FileList
+from fdfast.io import atomic_write_json
 
 log = logging.getLogger("fdfast.data")
 
@@ -107,11 +106,7 @@ def write_summary(out_dir: str | Path, loader: FDLoader, steps: int, wall_s: flo
     """Write OUT_DIR/summary.json: the loader's stats + steps, wall time and images per second."""
     summary = dict(loader.stats(), steps=int(steps), wall_s=round(float(wall_s), 3),
                    img_per_s=round(loader.images_seen / wall_s, 2) if wall_s > 0 else None, **extra)
-    path = Path(out_dir) / "summary.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(Path(out_dir) / "summary.json", summary, indent=2)
     return summary
 
 
@@ -127,6 +122,21 @@ def check_augmentation(image_size: int, mean, std, scale, ratio, hflip: float) -
         raise FDFastError(f"data.ratio must be [lo, hi] with 0 < lo <= hi, got {list(ratio)}")
     if not 0 <= hflip <= 1:
         raise FDFastError(f"data.hflip is a probability in [0, 1], got {hflip}")
+
+
+def sample_crop(img, seed: int, scale, ratio, hflip: float) -> tuple[int, int, int, int, bool]:
+    """RandomResizedCrop window (top, left, height, width) and flip of one sample, drawn from its own seed.
+
+    ``img`` is anything torchvision can measure: a lazily opened PIL image (header only) is enough. Both
+    loaders crop with it, so a sample's crop depends on (file, seed) only: not on the loader's worker count
+    or pipeline, and a resumed run sees exactly the crops the interrupted run would have seen.
+    """
+    from torchvision.transforms import RandomResizedCrop
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        top, left, h, w = RandomResizedCrop.get_params(img, list(scale), list(ratio))
+        flip = torch.rand(()).item() < hflip
+    return top, left, h, w, flip
 
 
 def normalizer(mean, std, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,7 +4,9 @@ Why an external source instead of ``fn.readers.file``: the batch order then come
 `EpochOrder` as the torch path (same shards, same reshuffle, exact resume position), and the bytes
 pass through Python where a file that disappeared is caught.  Decoding is DALI's: ``mixed`` (nvJPEG on
 the GPU) on CUDA devices, its CPU decoder otherwise; the crop is fused into the decode (only the
-region of interest is decoded).
+region of interest is decoded). Each sample's crop window and flip come from its own seed
+(`base.sample_crop`, the torch path's rule, on the size read from the image header), so a resumed run
+gets exactly the crops the interrupted run would have had.
 
 Bad files: DALI has no option to skip a file its decoder rejects; any such file is a critical error
 after which the pipeline object is dead. So files are checked once up front (`files.check_files`,
@@ -15,21 +17,23 @@ path's rule), and the pipeline is rebuilt at the same position.
 from __future__ import annotations
 
 import collections
+import io
 import weakref
 
 import numpy as np
 import torch
 
-from fdfast.data.base import EVAL_CROP_PCT, FDLoader
+from fdfast.data.base import EVAL_CROP_PCT, FDLoader, sample_crop
 from fdfast.data.files import EpochOrder, FileList, decodes
 from fdfast.errors import FDFastError
+from fdfast.signals import stop_signals_blocked
 
-NUM_ATTEMPTS = 10  # crop windows tried before the centre-crop fallback (torchvision's number)
 PREFETCH = 2  # batches DALI prepares ahead
 
 
 class _BatchSource:
-    """DALI external source: each call returns the next batch's file bytes (and labels) in EpochOrder."""
+    """DALI external source: each call returns the next batch in EpochOrder: file bytes, labels and (training)
+    crop anchors (x, y), crop shapes (w, h) in pixels and flips."""
 
     def __init__(self, loader: "DaliFDLoader"):
         # weak: the pipeline holds this source, the loader holds the pipeline; no cycle keeps DALI alive
@@ -42,15 +46,20 @@ class _BatchSource:
         epoch, batch = next(self.positions)
         if not ld.train and epoch > 0:
             raise StopIteration
-        index, _ = ld.order.batch(epoch, batch)
-        encoded, labels, used = [], [], []
-        for i in index:
-            i, data = ld.read(int(i))
+        index, seeds = ld.order.batch(epoch, batch)
+        encoded, labels, anchors, shapes, flips, used = [], [], [], [], [], []
+        for i, seed in zip(index, seeds):
+            i, data, header = ld.read(int(i))
             encoded.append(data)
             labels.append(np.array(ld.files.labels[i], dtype=np.int64))
             used.append(i)
+            if ld.train:
+                top, left, h, w, flip = sample_crop(header, seed, ld.scale, ld.ratio, ld.hflip)
+                anchors.append(np.array([left, top], dtype=np.float32))
+                shapes.append(np.array([w, h], dtype=np.float32))
+                flips.append(np.array(flip, dtype=np.int32))
         self.in_flight.append(used)
-        return encoded, labels
+        return (encoded, labels, anchors, shapes, flips) if ld.train else (encoded, labels)
 
 
 class DaliFDLoader(FDLoader):
@@ -70,8 +79,10 @@ class DaliFDLoader(FDLoader):
         self.source = None
 
     # -- reading -----------------------------------------------------------------------------------
-    def read(self, index: int) -> tuple[int, np.ndarray]:
-        """(index actually read, its bytes): bad or vanished files are replaced by the next readable file."""
+    def read(self, index: int):
+        """(index actually read, its bytes, its header as a lazily opened PIL image): bad or vanished files
+        are replaced by the next readable file."""
+        from PIL import Image
         n = len(self.files.paths)
         for k in range(n):
             i = (index + k) % n
@@ -79,10 +90,9 @@ class DaliFDLoader(FDLoader):
                 continue
             try:
                 data = np.fromfile(self.files.paths[i], dtype=np.uint8)
-            except OSError:
-                data = np.empty(0, np.uint8)
-            if data.size:
-                return i, data
+                return i, data, Image.open(io.BytesIO(data.tobytes()))  # reads the header only
+            except (OSError, ValueError):  # vanished, empty (UnidentifiedImageError is an OSError)
+                pass
             self._mark_bad(i)
         raise FDFastError(f"no image under {str(self.files.root)!r} can be read any more; check the data")
 
@@ -98,25 +108,23 @@ class DaliFDLoader(FDLoader):
         from nvidia.dali import fn, pipeline_def, types
 
         decoder_device = "mixed" if self.gpu else "cpu"
-        # The DALI random crops follow the pipeline seed; seeding it by the start position makes a
-        # given (seed, position) reproducible (a resumed run gets the same files, fresh crops).
-        seed = int(np.random.default_rng([self.order.seed, self.order.rank, self.epoch, self.batch])
-                   .integers(2**31 - 1))
 
         @pipeline_def(batch_size=self.order.batch_size, num_threads=self.num_threads,
-                      device_id=self._device_id(), seed=seed, prefetch_queue_depth=PREFETCH)
-        def pipeline():
-            encoded, labels = fn.external_source(source=self.source, num_outputs=2, batch=True,
-                                                 dtype=[types.UINT8, types.INT64])
+                      device_id=self._device_id(), prefetch_queue_depth=PREFETCH)
+        def pipeline():  # no DALI randomness: crops and flips come with the batch (_BatchSource)
             if self.train:
-                # RandomResizedCrop: area fraction in `scale`, aspect ratio log-uniform in `ratio`
-                images = fn.decoders.image_random_crop(
-                    encoded, device=decoder_device, output_type=types.RGB, random_area=list(self.scale),
-                    random_aspect_ratio=list(self.ratio), num_attempts=NUM_ATTEMPTS, adjust_orientation=False)
+                encoded, labels, anchor, shape, mirror = fn.external_source(
+                    source=self.source, num_outputs=5, batch=True,
+                    dtype=[types.UINT8, types.INT64, types.FLOAT, types.FLOAT, types.INT32])
+                # RandomResizedCrop: decode only the window, then resize it to S x S
+                images = fn.decoders.image_slice(encoded, anchor, shape, device=decoder_device,
+                                                 output_type=types.RGB, axis_names="WH", normalized_anchor=False,
+                                                 normalized_shape=False, adjust_orientation=False)
                 images = fn.resize(images, resize_x=self.size, resize_y=self.size, antialias=True,
                                    interp_type=types.INTERP_LINEAR)
-                mirror = fn.random.coin_flip(probability=self.hflip)
             else:
+                encoded, labels = fn.external_source(source=self.source, num_outputs=2, batch=True,
+                                                     dtype=[types.UINT8, types.INT64])
                 images = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB,
                                            adjust_orientation=False)
                 images = fn.resize(images, resize_shorter=int(self.size / EVAL_CROP_PCT), antialias=True,
@@ -128,8 +136,9 @@ class DaliFDLoader(FDLoader):
             return images, labels.gpu() if self.gpu else labels
 
         self.source = _BatchSource(self)
-        pipe = pipeline()
-        pipe.build()
+        with stop_signals_blocked():  # DALI's threads keep SIGINT / SIGTERM blocked: the main thread gets them
+            pipe = pipeline()
+            pipe.build()
         return pipe
 
     def _device_id(self) -> int | None:

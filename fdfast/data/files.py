@@ -20,11 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from fdfast.errors import FDFastError
+from fdfast.io import atomic_write_json, cache_dir as fdfast_cache_dir
 
 log = logging.getLogger("fdfast.data")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pnm")
 BAD_FILES_SHOWN = 5  # bad paths named in warnings and in stats()
+CHECK_VERSION = 2  # part of the cache key: a stricter check (2: header size, decompression bombs) re-checks
 
 # Magic bytes of the formats both PIL and DALI decode.
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"RIFF", b"II*\x00", b"MM\x00*",
@@ -60,8 +62,7 @@ def list_images(path: str | Path, *, labeled: bool = False, check: str = "fast",
         candidates = _read_file_list(root)
         root_dir = root.parent
     else:
-        candidates = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
-                            and not any(part.startswith(".") for part in p.relative_to(root).parts))
+        candidates = _walk_images(root)
         root_dir = root
     if not candidates:
         raise FDFastError(f"data path {str(root)!r} contains no image files ({', '.join(IMAGE_EXTENSIONS)}); "
@@ -93,6 +94,25 @@ def list_images(path: str | Path, *, labeled: bool = False, check: str = "fast",
     return FileList(root_dir, [candidates[i] for i in keep], [labels[i] for i in keep], classes, bad)
 
 
+def _walk_images(root: Path) -> list[str]:
+    """Image files under root, sorted; hidden names skipped; symlinked folders followed, each real folder once.
+
+    Data sets are often assembled from symlinked class folders, so links are followed; a link back up the
+    tree (a symlink loop) would recurse forever, hence the (device, inode) set of folders already walked.
+    """
+    seen, out = set(), []
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # sorted: the same walk on every run
+        out += [os.path.join(folder, n) for n in names
+                if not n.startswith(".") and os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS]
+    return sorted(out)
+
+
 def _read_file_list(list_file: Path) -> list[str]:
     """A text file with one image path per line (relative paths are relative to the file's folder)."""
     out = []
@@ -105,10 +125,11 @@ def _read_file_list(list_file: Path) -> list[str]:
 
 
 def looks_like_image(path: str) -> bool:
-    """Cheap structural check: non-empty, a known magic number, and the format's end marker present.
+    """Cheap structural check: non-empty, a known magic number, the format's end marker present, and a header
+    that declares a sane size (`_sane_size`).
 
-    Catches zero-byte, non-image and (for JPEG / PNG, the common formats) truncated files without
-    decoding; a file damaged in its middle passes here and is caught by the loaders' decode guard.
+    Catches zero-byte, non-image, (for JPEG / PNG, the common formats) truncated files and decompression
+    bombs without decoding; a file damaged in its middle passes here and is caught by the loaders' decode guard.
     """
     try:
         size = os.path.getsize(path)
@@ -120,19 +141,54 @@ def looks_like_image(path: str) -> bool:
         return False
     if size == 0 or not head.startswith(_MAGIC):
         return False
-    if head.startswith(b"\xff\xd8"):
-        return b"\xff\xd9" in tail  # JPEG end-of-image marker (encoders may pad after it)
-    if head.startswith(b"\x89PNG"):
-        return b"IEND" in tail
-    return True
+    if head.startswith(b"\xff\xd8") and b"\xff\xd9" not in tail:  # JPEG end-of-image marker (may be padded)
+        return False
+    if head.startswith(b"\x89PNG") and b"IEND" not in tail:
+        return False
+    return _sane_size(path)
+
+
+def _sane_size(path: str) -> bool:
+    """The header parses and declares 1 to PIL's MAX_IMAGE_PIXELS pixels (PIL reads only the header here).
+
+    A decompression bomb (a small file declaring e.g. 30000 x 30000 pixels) would take gigabytes to decode
+    in a worker or a DALI thread; PIL's own limit (about 89 M pixels, ``Image.MAX_IMAGE_PIXELS``; None: no
+    limit) decides, so a user who raises it for a data set of huge images gets them read.
+    """
+    import warnings
+    from PIL import Image
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+    except Exception:  # noqa: BLE001 - Image.open fails on any header it cannot parse (or a bomb > 2x the limit)
+        return False
+    limit = Image.MAX_IMAGE_PIXELS
+    return width >= 1 and height >= 1 and (limit is None or width * height <= limit)
+
+
+def load_rgb(path: str):
+    """Decode an image the way every fdfast reader does: a PIL RGB image, 8 bits per channel.
+
+    grey, palette, CMYK, RGBA (alpha dropped) and animated files (first frame) convert with PIL; 16-bit grey
+    (PNG / TIFF modes ``I;16*`` and ``I``) is scaled to 8 bits first, as PIL already does for 16-bit colour:
+    PIL's own ``convert`` would clip it, turning most of the picture white.
+    """
+    from PIL import Image
+    with Image.open(path) as img:
+        if img.mode.startswith("I"):  # 16-bit grey: keep the top 8 bits of each value
+            grey = np.asarray(img).astype(np.int64).clip(0, 65535) >> 8
+            return Image.fromarray(grey.astype(np.uint8), "L").convert("RGB")
+        return img.convert("RGB")  # forces the full decode that open() defers
 
 
 def decodes(path: str) -> bool:
-    """Full check: PIL decodes every pixel (``load()`` forces the decode that ``open()`` defers)."""
-    from PIL import Image
+    """Full check: the header passes `_sane_size` and every pixel decodes as the loaders decode it."""
+    if not _sane_size(path):
+        return False
     try:
-        with Image.open(path) as img:
-            img.load()
+        load_rgb(path)
         return True
     except Exception:  # noqa: BLE001 - any decoder failure means "skip this file"
         return False
@@ -171,10 +227,9 @@ def check_files(paths: list[str], *, mode: str = "fast", cache_dir: str | Path |
 def _cache_file(paths: list[str], mode: str, cache_dir) -> Path:
     # One cache file per data set: keyed by the folder holding the files and the check mode.
     folder = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
-    digest = hashlib.sha1(f"{os.path.abspath(folder)}|{mode}".encode()).hexdigest()[:16]
+    digest = hashlib.sha1(f"{os.path.abspath(folder)}|{mode}|{CHECK_VERSION}".encode()).hexdigest()[:16]
     if cache_dir is None:
-        from fdfast.demo import cache_dir as fdfast_cache_dir  # $FDFAST_CACHE or ~/.cache/fdfast
-        cache_dir = fdfast_cache_dir() / "filecheck"
+        cache_dir = fdfast_cache_dir("filecheck")  # $FDFAST_CACHE/filecheck or ~/.cache/fdfast/filecheck
     return Path(cache_dir) / f"{digest}.json"
 
 
@@ -189,10 +244,7 @@ def _load_cache(cache_file: Path) -> dict:
 
 def _save_cache(cache_file: Path, cache: dict) -> None:
     try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(cache))
-        os.replace(tmp, cache_file)  # atomic: concurrent ranks never read half a file
+        atomic_write_json(cache_file, cache)  # concurrent ranks never read half a file
     except OSError as e:
         log.info("could not write the file-check cache %s: %s", cache_file, e)
 

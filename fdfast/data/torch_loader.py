@@ -7,16 +7,19 @@ sees exactly the batches the interrupted run would have seen.
 """
 from __future__ import annotations
 
+import functools
+import os
 import sys
 
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
-from torchvision.transforms import InterpolationMode, RandomResizedCrop
+from torchvision.transforms import InterpolationMode
 
-from fdfast.data.base import EVAL_CROP_PCT, FDLoader, normalizer
-from fdfast.data.files import EpochOrder, FileList
+from fdfast.data.base import EVAL_CROP_PCT, FDLoader, normalizer, sample_crop
+from fdfast.data.files import EpochOrder, FileList, load_rgb
 from fdfast.errors import FDFastError
+from fdfast.signals import ignore_stop_signals, start_forkserver, stop_signals_blocked
 
 MAX_SUBSTITUTES = 16  # bad files in a row tried before giving up on a sample
 
@@ -34,6 +37,7 @@ def _worker_context():
         return multiprocessing.get_context("fork")
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload([__name__])  # the server imports torch + PIL once, workers fork ready
+    start_forkserver()  # one that a group SIGTERM cannot kill
     return ctx
 
 
@@ -54,8 +58,7 @@ class CropDataset(torch.utils.data.Dataset):
         for k in range(min(MAX_SUBSTITUTES, len(self.paths))):
             i = (index + k) % len(self.paths)
             try:
-                with Image.open(self.paths[i]) as img:
-                    img = img.convert("RGB")  # forces the full decode inside the guard; grey / RGBA -> RGB
+                img = load_rgb(self.paths[i])  # the full decode inside the guard; grey / 16-bit / RGBA -> RGB
             except Exception:  # noqa: BLE001 - any decode failure means "skip this file"
                 failed.append(self.paths[i])
                 continue
@@ -67,10 +70,7 @@ class CropDataset(torch.utils.data.Dataset):
         if not self.train:
             img = TF.resize(img, int(self.size / EVAL_CROP_PCT), InterpolationMode.BILINEAR, antialias=True)
             return TF.center_crop(img, [self.size, self.size])
-        with torch.random.fork_rng(devices=[]):  # the sample's own seed, whatever process runs it
-            torch.manual_seed(int(seed))
-            top, left, h, w = RandomResizedCrop.get_params(img, list(self.scale), list(self.ratio))
-            flip = torch.rand(()).item() < self.hflip
+        top, left, h, w, flip = sample_crop(img, seed, self.scale, self.ratio, self.hflip)
         img = TF.resized_crop(img, top, left, h, w, [self.size, self.size], InterpolationMode.BILINEAR,
                               antialias=True)
         return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else img
@@ -95,6 +95,12 @@ class _BatchSampler:
             yield [(int(i), int(s)) for i, s in zip(index, seeds)]
 
 
+def _worker_message(text: str) -> str:
+    """The one-line FDFastError message inside torch's "Caught FDFastError in DataLoader worker ..." text."""
+    lines = [line.split("FDFastError: ", 1)[1] for line in text.splitlines() if "FDFastError: " in line]
+    return lines[-1] if lines else text.strip().splitlines()[0]
+
+
 class TorchFDLoader(FDLoader):
     name = "torch"
 
@@ -114,13 +120,18 @@ class TorchFDLoader(FDLoader):
             self.dataset, batch_sampler=_BatchSampler(self.order, self.epoch, self.batch),
             num_workers=self.num_workers, collate_fn=_collate, pin_memory=self.pin,
             multiprocessing_context=_worker_context() if self.num_workers else None,
-            prefetch_factor=4 if self.num_workers else None)
-        self._iter = iter(self._loader)
+            prefetch_factor=4 if self.num_workers else None,
+            worker_init_fn=functools.partial(ignore_stop_signals, main_pid=os.getpid()))
+        with stop_signals_blocked():  # workers (and a forkserver) start with SIGINT / SIGTERM blocked
+            self._iter = iter(self._loader)
 
     def _next_batch(self):
         if self._iter is None:
             self._restart()
-        crops, labels, failed = next(self._iter)  # uint8 [B, 3, S, S]
+        try:
+            crops, labels, failed = next(self._iter)  # uint8 [B, 3, S, S]
+        except FDFastError as e:  # from a worker: torch puts the worker's traceback into the message
+            raise FDFastError(_worker_message(str(e))) from None
         if failed:
             self._note_bad(failed)
         images = crops.float().sub_(self.mean255).div_(self.std255)  # float32 [B, 3, S, S], normalised

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from fdfast.errors import FDFastError
+from fdfast.models import tokens
 
 
 @dataclass
@@ -51,13 +52,6 @@ def _timm_class(cls: type) -> type:
         if not base.__module__.startswith("fdfast."):
             return base
     return cls
-
-
-def _patch_size(model: nn.Module) -> tuple[int, int]:
-    ps = getattr(getattr(model, "patch_embed", None), "patch_size", None)
-    if ps is None:
-        raise FDFastError(f"cannot tell the patch size of a {type(model).__name__} (no patch_embed.patch_size)")
-    return (ps, ps) if isinstance(ps, int) else (int(ps[0]), int(ps[1]))
 
 
 class AttentionCapture:
@@ -122,7 +116,7 @@ class AttentionCapture:
                 prefix = 0
                 windows = math.ceil(fh / grid[0]) * math.ceil(fw / grid[1])
             else:
-                patch = _patch_size(self.model)
+                patch = tokens.patch_size(self.model)
                 img_h, img_w = self._image_hw
                 grid = (img_h // patch[0], img_w // patch[1])
                 prefix = n - grid[0] * grid[1]

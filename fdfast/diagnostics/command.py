@@ -19,7 +19,8 @@ def register(subparsers) -> None:
                "report.html (self-contained). Example: fdfast diagnose runs/demo teacher:demo-dinov2-s14")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("model2", metavar="MODEL2", nargs="?", help="a second model, plotted beside the first")
-    p.add_argument("--data", help="image folder (searched recursively); default: the demo photos")
+    p.add_argument("--data", help="image folder (searched recursively); default: the data source \"demo-images\" "
+                   "(the demo photos)")
     p.add_argument("--images", type=int, default=16, help="images for the attention statistics (default 16)")
     p.add_argument("--out", help="output folder (default: RUN/diagnostics for a run, else ./diagnostics)")
     p.add_argument("--img-size", type=int, help="input size of teacher:NAME models (default: the first model's)")

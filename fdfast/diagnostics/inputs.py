@@ -6,12 +6,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD
 from torch import nn
 
 from fdfast.errors import FDFastError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -150,10 +150,10 @@ def _teacher_norm(name: str):
 
 
 def image_paths(data: str | None, count: int) -> list[Path]:
-    """The first ``count`` images (sorted, recursive) of --data, or of the demo photos."""
+    """The first ``count`` images (sorted, recursive) of --data, or of the default data source (the demo photos)."""
     if data is None:
-        from fdfast.demo import demo_image_dir
-        root = Path(demo_image_dir())
+        from fdfast.data.sources import source_dir
+        root = source_dir()
     else:
         root = Path(data)
         if not root.is_dir():
@@ -168,14 +168,14 @@ def load_images(paths: list[Path], size: tuple[int, int]):
     """Deterministic eval view: shorter side resized to the crop size (bicubic), centre crop -> uint8 RGB."""
     import numpy as np
     from PIL import Image, UnidentifiedImageError
+    from fdfast.data.files import load_rgb
     from torchvision.transforms import functional as TF
 
     out = []
     for p in paths:
         try:
-            with Image.open(p) as im:
-                img = im.convert("RGB")
-        except (UnidentifiedImageError, OSError) as e:
+            img = load_rgb(p)  # as the loaders decode it (16-bit grey scaled, not clipped)
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
             raise FDFastError(f"cannot read image {p}: {e}; remove it from --data") from None
         img = TF.resize(img, max(size), interpolation=TF.InterpolationMode.BICUBIC)
         out.append(np.asarray(TF.center_crop(img, list(size))))

@@ -1,5 +1,6 @@
 """Loss landscape slices along filter-normalised random directions (Li et al., 2018, "Visualizing the
-Loss Landscape of Neural Nets"), and the losses to slice: cross-entropy, the FD loss, a label-free proxy.
+Loss Landscape of Neural Nets"), and the losses to slice: cross-entropy, the FD training objective (the
+distiller itself), a label-free proxy.
 
 A slice evaluates ``loss_fn(model)`` at ``w + a*d1 (+ b*d2)`` on a grid of (a, b), then puts the weights
 back exactly. Each direction has, for every filter (row along dim 0 of a weight with >= 2 dims), the norm
@@ -10,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fdfast.models import tokens
 
 
 def filter_normalized_direction(model: nn.Module, generator: torch.Generator | None = None,
@@ -106,26 +109,6 @@ def cross_entropy_loss(images: torch.Tensor, labels: torch.Tensor, batch_size: i
     return loss_fn
 
 
-def patch_tokens(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """[B, rows, cols, C] patch tokens after the model's final norm (prefix tokens dropped)."""
-    x = model.forward_features(images)
-    if x.dim() == 4:  # SwinV2: [B, H, W, C]
-        return x
-    prefix = int(getattr(model, "num_prefix_tokens", 1))
-    ps = model.patch_embed.patch_size
-    ps = (ps, ps) if isinstance(ps, int) else ps
-    rows, cols = images.shape[-2] // ps[0], images.shape[-1] // ps[1]
-    return x[:, prefix:].reshape(x.shape[0], rows, cols, x.shape[-1])
-
-
-def resize_tokens(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """[B, h, w, C] -> [B, rows, cols, C] by bilinear interpolation (teacher grid -> student grid)."""
-    if tuple(tokens.shape[1:3]) == tuple(grid):
-        return tokens
-    x = F.interpolate(tokens.permute(0, 3, 1, 2).float(), size=grid, mode="bilinear", align_corners=False)
-    return x.permute(0, 2, 3, 1)
-
-
 def _whiten(t: torch.Tensor, eps: float) -> torch.Tensor:
     return F.layer_norm(t.float(), t.shape[-1:], eps=eps)
 
@@ -149,27 +132,44 @@ def fit_projection(student: torch.Tensor, target: torch.Tensor, ridge: float = 1
     return weight.float(), bias.float()
 
 
-def fd_loss(images: torch.Tensor, teacher_tokens: torch.Tensor, model_at_centre: nn.Module,
-            beta: float = 2.0, eps: float = 1e-5, batch_size: int | None = None,
-            projection: tuple[torch.Tensor, torch.Tensor] | None = None):
-    """The FD objective: mean smooth_l1_beta(S @ W^T + b - LN_noaffine(T)) over patch tokens.
+def fd_loss(images: torch.Tensor, teacher: nn.Module, model_at_centre: nn.Module, *,
+            teacher_images: torch.Tensor | None = None, projection=None, loss_cfg=None, align: str = "bilinear",
+            batch_size: int | None = None):
+    """The training objective itself: ``fdfast.distill.FeatureDistiller`` (align_tokens + fdfast's fd_loss).
 
-    teacher_tokens: [B, h, w, Ct] teacher patch tokens of the same images (resized to the student's grid
-    here). ``projection`` (W, b): the trained 1x1 projection; None fits it by ridge least squares to the
-    model at the centre, so every model (a student, a teacher) is scored with its best linear read-out.
+    teacher: an fdfast Teacher (or any module with ``grid``, ``num_prefix_tokens``, ``dim``); its targets are
+    computed once from ``teacher_images`` (its own view of the same images; default ``images``).
+    ``projection`` (W [Ct, Cs], b [Ct] or None): the trained 1x1 projection; None fits it by ridge least squares
+    to the model at the centre (aligned tokens vs whitened targets), so every model is scored with its best
+    linear read-out. ``loss_cfg``: fdfast.config.LossConfig (default: the training default).
     """
+    from fdfast.config import LossConfig
+    from fdfast.distill import FeatureDistiller
+    loss_cfg = loss_cfg or LossConfig()
+    device = images.device
+    distiller = FeatureDistiller(model_at_centre, teacher, loss_cfg, align).to(device)
+    chunks = _chunks(len(images), batch_size)
+    t_images = images if teacher_images is None else teacher_images
     with torch.no_grad():
-        centre = torch.cat([patch_tokens(model_at_centre, images[i:j]) for i, j in _chunks(len(images), batch_size)])
-    target = _whiten(resize_tokens(teacher_tokens, tuple(centre.shape[1:3])), eps)
-    weight, bias = projection if projection is not None else fit_projection(centre, target)
+        targets = [distiller.target_tokens(t_images[i:j]) for i, j in chunks]  # [b, Nt, Ct] each
+        if projection is None:
+            pairs = [distiller.aligned_tokens(images[i:j], t) for (i, j), t in zip(chunks, targets)]
+            pred = torch.cat([p for p, _ in pairs])
+            target = torch.cat([_whiten(t, loss_cfg.eps) if loss_cfg.whiten else t.float() for _, t in pairs])
+            projection = fit_projection(pred, target)
+            fit_tokens = pred.shape[0] * pred.shape[1]
+        else:
+            fit_tokens = None
+        weight, bias = projection
+        distiller.fd_loss.proj.weight.copy_(weight)
+        distiller.fd_loss.proj.bias.copy_(bias if bias is not None else torch.zeros_like(distiller.fd_loss.proj.bias))
 
     def loss_fn(model):
-        total = 0.0
-        for i, j in _chunks(len(images), batch_size):
-            pred = F.linear(patch_tokens(model, images[i:j]).float(), weight, bias)
-            total = total + _smooth_l1(pred - target[i:j], beta).sum()
-        return total / target.numel()
-    loss_fn.fit_tokens, loss_fn.fit_channels = centre.shape[0] * centre.shape[1] * centre.shape[2], centre.shape[-1]
+        if model is not distiller.student:
+            raise ValueError("fd_loss(...) scores the model it was built for (model_at_centre)")
+        # chunks weighted by their share of the images: the mean over all tokens, as one batch would give
+        return sum(distiller(images[i:j], t) * ((j - i) / len(images)) for (i, j), t in zip(chunks, targets))
+    loss_fn.fit_tokens, loss_fn.fit_channels = fit_tokens, int(weight.shape[1])
     return loss_fn
 
 
@@ -181,13 +181,16 @@ def representation_drift_loss(images: torch.Tensor, model_at_centre: nn.Module, 
     grows as fast as the representation changes along the slice, so two models' basins compare directly
     without labels, a classifier head or a teacher.
     """
+    def patches(model, x):  # [B, h, w, C] patch tokens after the final norm
+        return tokens.patch_map(tokens.final_tokens(model, x), tokens.geometry(model, x.shape[-2:]))
+
     with torch.no_grad():
-        target = torch.cat([_whiten(patch_tokens(model_at_centre, images[i:j]), eps)
+        target = torch.cat([_whiten(patches(model_at_centre, images[i:j]), eps)
                             for i, j in _chunks(len(images), batch_size)])
 
     def loss_fn(model):
         total = 0.0
         for i, j in _chunks(len(images), batch_size):
-            total = total + _smooth_l1(_whiten(patch_tokens(model, images[i:j]), eps) - target[i:j], beta).sum()
+            total = total + _smooth_l1(_whiten(patches(model, images[i:j]), eps) - target[i:j], beta).sum()
         return total / target.numel()
     return loss_fn

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fdfast.io import atomic_path
+
 MODEL_COLOURS = ["#1f5fa8", "#d1495b", "#2a9d8f", "#e9a03b"]
 
 
@@ -19,7 +21,8 @@ def _plt():
 
 def _save(fig, path) -> Path:
     path = Path(path)
-    fig.savefig(path, bbox_inches="tight")
+    with atomic_path(path) as tmp:  # the temp name has no suffix: say the format
+        fig.savefig(tmp, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
     import matplotlib.pyplot as plt
     plt.close(fig)
     return path

@@ -6,6 +6,8 @@ import html
 import math
 from pathlib import Path
 
+from fdfast.io import atomic_write_text
+
 CSS = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;color:#222;
 padding:0 1em}h1{font-size:1.5em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;font-size:.85em;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;
@@ -93,5 +95,5 @@ def write_report(path, *, models: list[dict], diversity: list[dict], landscape: 
             if f in pngs:
                 parts.append(_img(out / f, f))
     parts.append("</body></html>\n")
-    path.write_text("\n".join(parts))
+    atomic_write_text(path, "\n".join(parts))
     return path

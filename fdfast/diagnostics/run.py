@@ -57,17 +57,6 @@ def attention_statistics(model: torch.nn.Module, images: torch.Tensor, batch_siz
     return {"layers": out, "query": list(q), "images": n}
 
 
-def _teacher_patch_tokens(teacher, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """[B, h, w, C] patch tokens of an fdfast Teacher (prefix tokens dropped)."""
-    outs = []
-    for i in range(0, len(images), batch_size):
-        t = teacher(images[i:i + batch_size])  # [B, N, C]
-        p = int(getattr(teacher, "num_prefix_tokens", 0))
-        h, w = teacher.grid
-        outs.append(t[:, p:].reshape(t.shape[0], h, w, t.shape[-1]))
-    return torch.cat(outs)
-
-
 def choose_landscape_loss(kind: str, models: list[ModelUnderTest], teacher_spec: str | None, device: str,
                           notes: list[str]):
     """('fd', Teacher, name) | ('drift', None, None) | ('none', None, None) for --landscape-loss KIND."""
@@ -104,16 +93,15 @@ def landscape_of(mut: ModelUnderTest, images, kind: str, teacher, teacher_images
     bs = cfg["batch_size"]
     if kind == "fd":
         tx = to_tensor(teacher_images, teacher.mean, teacher.std).to(x.device)
-        tokens = _teacher_patch_tokens(teacher, tx, bs)
         projection, source = mut.extra.get("projection"), "ridge least squares at the centre"
         teacher_name = (mut.teacher or {}).get("name")
         if projection is not None and teacher_name == teacher.name and projection[0].shape == (
-                tokens.shape[-1], mut.model.num_features):
+                teacher.dim, mut.model.num_features):
             projection = (projection[0].to(x.device), None if projection[1] is None else projection[1].to(x.device))
             source = f"trained ({mut.extra['projection_source']})"
         else:
             projection = None
-        loss_fn = ls.fd_loss(x, tokens, mut.model, batch_size=bs, projection=projection)
+        loss_fn = ls.fd_loss(x, teacher, mut.model, teacher_images=tx, batch_size=bs, projection=projection)
         if projection is None and loss_fn.fit_tokens < 4 * loss_fn.fit_channels:
             notes.append(f"{mut.label}: the ridge projection is fitted on {loss_fn.fit_tokens} tokens for "
                          f"{loss_fn.fit_channels} channels, so its loss at the weights is optimistic; "

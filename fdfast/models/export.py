@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from fdfast.errors import FDFastError
-from fdfast.models import convert
+from fdfast.models import convert, tokens
 
 TIMM_MODEL_KEY, TIMM_KWARGS_KEY = "timm_model", "timm_kwargs"
 STUDENT_META_KEY = "fdfast_model"  # the same key as fdfast.checkpoint.STUDENT_META_KEY
@@ -67,7 +67,10 @@ def model_config(model_cfg: dict):
 def load_student(path) -> nn.Module:
     """The student (a timm model, eval mode) of a run dir, a checkpoints/step-N dir, a student .safetensors, an
     `fdfast export --to timm` file, or an official FD checkpoint (.pth), loaded strictly."""
+    from fdfast.checkpoint import verify_file
     from fdfast.models.student import build_student
+    if Path(path).is_file():  # a damaged file is one line naming it (checked against its COMMITTED record)
+        verify_file(path)
     if _is_timm_export(path):
         return load_timm_export(path)
     model_cfg, sd = read_any_student(path)
@@ -136,15 +139,37 @@ def export(src, out, to: str = "timm") -> Path:
         meta = {STUDENT_META_KEY: json.dumps(model_cfg)}
     elif to == "timm":
         timm_model, timm_kwargs, sd = timm_export(model_cfg, sd)
-        # check on the meta device (no memory, no compute) that timm takes the file strictly
-        convert.load_strict_check(create_timm_model(timm_model, timm_kwargs, "meta"), sd,
-                                  f"exported weights of {str(src)!r}", "This is an fdfast bug; please report it")
+        # check on the meta device (no memory, no compute) that timm takes the file strictly and gives the
+        # student's tokens (same grid, prefix tokens and width)
+        exported = create_timm_model(timm_model, timm_kwargs, "meta")
+        convert.load_strict_check(exported, sd, f"exported weights of {str(src)!r}",
+                                  "This is an fdfast bug; please report it")
+        _check_same_tokens(model_cfg, exported)
         meta = {TIMM_MODEL_KEY: timm_model, TIMM_KWARGS_KEY: json.dumps(timm_kwargs), "format": "pt"}
     else:
         raise FDFastError(f"--to must be timm or fdfast, got {to!r}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save_safetensors(sd, out, metadata=meta)
+    with _run_dir_locked(out.parent):
+        atomic_save_safetensors(sd, out, metadata=meta)
     return out
+
+
+def _run_dir_locked(folder: Path):
+    """Writing into a run directory: hold its lock (a training or fine-tuning run there stops us with exit 2)."""
+    import contextlib
+    from fdfast.io import run_dir_lock
+    if any((folder / n).exists() for n in ("config.yaml", "checkpoints", ".lock")):
+        return run_dir_lock(folder, "fdfast export")
+    return contextlib.nullcontext()
+
+
+def _check_same_tokens(model_cfg: dict, exported: nn.Module) -> None:
+    from fdfast.models.student import build_student
+    with torch.device("meta"):
+        student = build_student(model_config(model_cfg))
+    if tokens.geometry(student) != tokens.geometry(exported):
+        raise FDFastError(f"the timm export's tokens {tokens.geometry(exported)} differ from the student's "
+                          f"{tokens.geometry(student)}; this is an fdfast bug, please report it")
 
 
 def _is_timm_export(path) -> bool:

@@ -12,6 +12,7 @@ from timm.models.beit import Beit
 from torch import nn
 
 from fdfast.errors import FDFastError
+from fdfast.models import tokens
 from fdfast.models.kwargs import check_kwargs
 
 # width, depth, heads (the ViT family presets)
@@ -69,18 +70,10 @@ def build_student(model_cfg) -> nn.Module:
 
 def student_tokens(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """All tokens after the student's final norm, as [B, N, C] (SwinV2's NHWC map is flattened)."""
-    x = model.forward_features(images)
-    if x.dim() == 4:  # [B, H, W, C]
-        x = x.flatten(1, 2)
-    return x
+    return tokens.final_tokens(model, images)
 
 
 def student_grid(model: nn.Module) -> tuple[tuple[int, int], int]:
-    """(token grid (h, w), number of prefix tokens) of a student's output."""
-    if hasattr(model, "patch_embed") and hasattr(model.patch_embed, "grid_size") and hasattr(model, "cls_token"):
-        return tuple(model.patch_embed.grid_size), int(getattr(model, "num_prefix_tokens", 1))
-    if hasattr(model, "layers"):  # SwinV2: the last stage's map, no prefix token
-        res = model.layers[-1].output_resolution if hasattr(model.layers[-1], "output_resolution") else None
-        if res is not None:
-            return tuple(res), 0
-    raise FDFastError(f"cannot tell the token grid of a {type(model).__name__} student")
+    """(token grid (h, w), number of prefix tokens) of a student's output at its built image size."""
+    geom = tokens.geometry(model)
+    return geom.grid, geom.num_prefix_tokens

@@ -1,152 +1,333 @@
 """The teacher registry: frozen pre-trained models whose output tokens are FD's targets.
 
 ``build_teacher(name, weights=None, img_size=None, **kw)`` returns a ``Teacher``: forward(images [B,3,H,W])
--> tokens [B,N,C] after the teacher's own final norm, BEFORE whitening (fdfast.distill whitens). ``name`` is
+-> tokens [B,N,C] after the teacher's own final norm, BEFORE whitening (fdfast.distill whitens); built with
+``embedding=True``, ``Teacher.embedding(images)`` gives its final pooled output (CLIP image embedding after the
+projection, or a classifier's logits) for loss.target=embedding. ``name`` is
 a registry name (``fdfast teachers`` lists them), ``open_clip:MODEL[:PRETRAINED]`` or any timm model name.
-Every family is a timm architecture; a per-family key filter (fdfast.models.convert) turns the published
-checkpoint layout into timm's and the weights are loaded strictly. ``kw`` overrides the timm kwargs (tests
-build tiny teachers with it).
+
+Each registry entry holds, in one place (timm's pretrained-config pattern): the timm architecture and kwargs,
+the input size and mean/std (timm's constants), the checkpoint filter that turns the published release
+layout into timm's keys, and which tokens are the target. The filters sit here, beside the table, and call
+timm's own ``checkpoint_filter_fn`` wherever timm ships the conversion; what they add is FD-specific (which
+keys a release carries beside the backbone). The filtered weights load strictly (``convert.load_strict``
+lists every mismatched key). Adding a teacher is one row; a plugin adds its own with ``register_teacher``.
+``kw`` overrides the timm kwargs (tests build tiny teachers with it).
 """
 from __future__ import annotations
 
-import importlib
 import os
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from timm.data import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN,
+                       IMAGENET_INCEPTION_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+from timm.layers import DropPath
+from timm.models import beit as timm_beit, eva as timm_eva, swin_transformer as timm_swin
+from timm.models import swin_transformer_v2 as timm_swinv2, vision_transformer as timm_vit
 from torch import nn
 
 from fdfast.errors import FDFastError
+from fdfast.models import convert, tokens
+from fdfast.models.convert import drop, select_prefix, strip_prefix, unwrap
 from fdfast.models.kwargs import check_kwargs
-from fdfast.models import convert
 
-IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
-HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+# which tokens are the target: all tokens after the final norm (ViT / Swin / CLIP ln_post), or a CNN's last
+# stage map (timm forward_intermediates); fdfast.models.tokens reads both
+TOKEN_CHOICES = ("final_norm", "last_stage")
 
+
+# ---- checkpoint filters: a release's key layout -> timm's (one per published layout) ------------------------
+
+def filter_timm(sd: dict, model: nn.Module) -> dict:
+    """A timm state dict of any architecture (the classifier dropped, unless the teacher keeps its head)."""
+    sd = strip_prefix(unwrap(sd), "module.")
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier", "head")
+    names = classifier if isinstance(classifier, (list, tuple)) else [classifier]
+    own = model.state_dict()
+    sd = {k: v for k, v in sd.items() if k in own or not any(k == n or k.startswith(n + ".") for n in names)}
+    return fit_rel_pos_tables(fit_pos_embed(sd, model), model)
+
+
+def filter_dino(sd: dict, model: nn.Module) -> dict:
+    """DINO (facebookresearch/dino): backbone-only *_pretrain.pth, or a full checkpoint (its teacher's weights)."""
+    sd = select_prefix(strip_prefix(unwrap(sd, prefer=("teacher",)), "module."), "backbone.")
+    return timm_vit.checkpoint_filter_fn(drop(sd, r"^head\."), model)
+
+
+def filter_dinov2(sd: dict, model: nn.Module) -> dict:
+    """DINOv2 (facebookresearch/dinov2) *_pretrain.pth: timm's conversion (mask token, registers, SwiGLU w12/w3)."""
+    sd = dict(select_prefix(strip_prefix(unwrap(sd, prefer=("teacher",)), "module."), "backbone."))
+    # called directly: timm's checkpoint_filter_fn only recognises the layout by a mask token, which not
+    # every released file (e.g. re-saved backbones) carries
+    return timm_vit.checkpoint_filter_fn(timm_vit._convert_dinov2(sd, model), model)
+
+
+def filter_deit(sd: dict, model: nn.Module) -> dict:
+    """DeiT / DeiT III (facebookresearch/deit) {"model": ...}: the distillation head dropped, the classifier too
+    unless the model keeps its head (loss.target=embedding); timm maps gamma_N -> lsN.gamma."""
+    sd = drop(strip_prefix(unwrap(sd), "module."), *_unless_head(model, r"^head\."), r"^head_dist\.")
+    return timm_vit.checkpoint_filter_fn(sd, model, adapt_layer_scale=True)
+
+
+def filter_mae(sd: dict, model: nn.Module) -> dict:
+    """MAE (facebookresearch/mae) {"model": ...}: the encoder; decoder and mask token dropped."""
+    sd = drop(strip_prefix(unwrap(sd), "module."), r"^decoder_", r"^mask_token$", r"^head\.")
+    return timm_vit.checkpoint_filter_fn(sd, model)
+
+
+def filter_beit(sd: dict, model: nn.Module) -> dict:
+    """BEiT / BEiT v2 (microsoft/unilm) {"model": ...}: MIM head, mask token, BEiT v2's cls_pt_layers dropped;
+    timm's filter drops the index buffers and resizes the relative position tables."""
+    sd = strip_prefix(unwrap(sd), "module.", "encoder.")
+    sd = drop(sd, r"^lm_head\.", r"^mask_token$", r"^cls_pt_layers\.", r"^head\.")
+    return timm_beit.checkpoint_filter_fn(sd, model)
+
+
+def beit_arch(sd: dict) -> dict:
+    """BEiT kwargs the weights imply: shared vs per-block relative position bias, absolute position embedding."""
+    sd = strip_prefix(unwrap(sd), "module.", "encoder.")
+    return dict(use_abs_pos_emb="pos_embed" in sd,
+                use_shared_rel_pos_bias="rel_pos_bias.relative_position_bias_table" in sd,
+                use_rel_pos_bias="blocks.0.attn.relative_position_bias_table" in sd)
+
+
+def filter_eva02(sd: dict, model: nn.Module) -> dict:
+    """EVA-02 (baaivision/EVA) MIM checkpoints -> timm's filter (SwiGLU, q/v bias, rope buffers).
+
+    The MIM-only keys go first: with a mask token present timm moves ``norm`` to ``fc_norm`` (its fine-tune
+    start), while FD's target is the tokens after ``norm``.
+    """
+    sd = strip_prefix(unwrap(sd, prefer=("model_ema",)), "module.")
+    return timm_eva.checkpoint_filter_fn(drop(sd, r"^mask_token$", r"^lm_head\.", r"^head\."), model)
+
+
+def filter_clip(sd: dict, model: nn.Module) -> dict:
+    """CLIP image tower, OpenAI (.pt) or open_clip layout -> timm's OpenAI-CLIP conversion; text tower dropped.
+
+    FD's CLIP target is the tokens after ``ln_post`` (timm's ``norm``), before the projection, so the
+    projection (timm's ``head``) is dropped too, unless the model keeps it (loss.target=embedding: the CLIP
+    image embedding).
+    """
+    sd = strip_prefix(unwrap(sd), "module.")
+    if not any(k.startswith("visual.") for k in sd):  # the image tower alone
+        sd = {f"visual.{k}": v for k, v in sd.items()}
+    sd = timm_vit.checkpoint_filter_fn(sd, model)
+    return sd if has_head(model) else {k: v for k, v in sd.items() if not k.startswith("head.")}
+
+
+def filter_swin(sd: dict, model: nn.Module) -> dict:
+    """Swin (microsoft/Swin-Transformer) {"model": ...} -> timm's filter (stage layout, index buffers, tables)."""
+    return timm_swin.checkpoint_filter_fn(drop(strip_prefix(unwrap(sd), "module."), *_unless_head(model, r"^head\.")),
+                                          model)
+
+
+def filter_esvit(sd: dict, model: nn.Module) -> dict:
+    """EsViT (microsoft/esvit): the ``student`` weights under ``module.backbone.``; DINO heads dropped."""
+    sd = select_prefix(strip_prefix(unwrap(sd, prefer=("student",)), "module."), "backbone.")
+    return timm_swin.checkpoint_filter_fn(drop(sd, r"^head\.", r"^head_dense\."), model)
+
+
+def filter_swinv2(sd: dict, model: nn.Module) -> dict:
+    """SwinV2 (microsoft/Swin-Transformer) {"model": ...} -> timm's filter."""
+    sd = drop(strip_prefix(unwrap(sd), "module."), *_unless_head(model, r"^head\."))
+    return timm_swinv2.checkpoint_filter_fn(sd, model)
+
+
+def has_head(model: nn.Module) -> bool:
+    """Whether ``model`` was built with its classifier / projection (num_classes > 0: loss.target=embedding)."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    return isinstance(head, nn.Module) and any(True for _ in head.parameters())
+
+
+def _unless_head(model: nn.Module, *patterns: str) -> tuple[str, ...]:
+    """The classifier key patterns a filter drops: none when the model keeps its head."""
+    return () if has_head(model) else patterns
+
+
+def fit_pos_embed(sd: dict, model: nn.Module) -> dict:
+    """Resample an absolute position embedding to the model's token grid (timm's resample_abs_pos_embed)."""
+    from timm.layers import resample_abs_pos_embed
+    target = getattr(model, "pos_embed", None)
+    if "pos_embed" not in sd or not isinstance(target, torch.Tensor) or sd["pos_embed"].shape == target.shape:
+        return sd
+    v = sd["pos_embed"]
+    prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))
+    side = int(round((v.shape[1] - prefix) ** 0.5))
+    if v.dim() != 3 or side * side != v.shape[1] - prefix or v.shape[-1] != target.shape[-1]:
+        return sd  # not a square map of the right width: load_strict reports the mismatch
+    return dict(sd, pos_embed=resample_abs_pos_embed(v, new_size=list(model.patch_embed.grid_size),
+                                                     old_size=[side, side], num_prefix_tokens=prefix, verbose=False))
+
+
+def fit_rel_pos_tables(sd: dict, model: nn.Module) -> dict:
+    """Resize relative position bias tables (BEiT, Swin) to the model's window (timm's resize_rel_pos_bias_table)."""
+    from timm.layers import resize_rel_pos_bias_table
+    own = model.state_dict()
+    sd = dict(sd)
+    for k, v in sd.items():
+        if k.endswith("relative_position_bias_table") and k in own and own[k].shape != v.shape \
+                and v.shape[-1] == own[k].shape[-1]:
+            window = getattr(model.get_submodule(k.rsplit(".", 1)[0]), "window_size", None)
+            if window is not None:
+                sd[k] = resize_rel_pos_bias_table(v, new_window_size=tuple(window), new_bias_shape=own[k].shape)
+    return sd
+
+
+# ---- the registry ------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class TeacherEntry:
-    """One registry row: the timm architecture, its input normalisation and where its weights come from."""
+    """One registry row: everything needed to build a teacher and load its published weights."""
     name: str
-    family: str  # key of convert.FILTERS: the published layout of the weights
-    timm_name: str
-    img_size: int = 224
-    norm: tuple = IMAGENET  # (mean, std) the teacher was trained with
+    timm_name: str  # the timm architecture
+    checkpoint_filter: Callable[[dict, nn.Module], dict] = filter_timm  # release layout -> timm keys
+    img_size: int = 224  # pretrained config: the input size ...
+    mean: tuple = IMAGENET_DEFAULT_MEAN  # ... and the normalisation the teacher was trained with
+    std: tuple = IMAGENET_DEFAULT_STD
+    timm_kwargs: dict = field(default_factory=dict)
+    tokens: str = "final_norm"  # one of TOKEN_CHOICES
     release_file: str = ""  # the file users pass as --teacher-weights (the family's release)
     pretrained: str | None = None  # timm "arch.tag" whose hub weights (or cache) are the same model
-    timm_kwargs: dict = field(default_factory=dict)
-    default_weights: Callable | None = None  # local weights that need no download (the demo teachers)
+    default_weights: Callable | None = None  # () -> local weights needing no download (a plugin's bundled file)
+    kwargs_from_weights: Callable[[dict], dict] | None = None  # timm kwargs a file implies (BEiT's RPB kind)
+    # width of the final pooled output loss.target=embedding distills (the CLIP projection, a classifier's
+    # logits); None: timm's pretrained config of `pretrained` says (0 there: self-supervised, no head)
+    embedding_dim: int | None = None
+
+    @property
+    def family(self) -> str:
+        """The release layout's name (``fdfast teachers`` shows it): the filter's, or "cnn" for a CNN map."""
+        return "cnn" if self.tokens == "last_stage" else self.checkpoint_filter.__name__.removeprefix("filter_")
+
+    @property
+    def norm(self) -> tuple:
+        return tuple(self.mean), tuple(self.std)
+
+    @property
+    def head_dim(self) -> int:
+        """Width of the teacher's final pooled output (0: none, so no loss.target=embedding)."""
+        if self.embedding_dim is not None:
+            return int(self.embedding_dim)
+        if not self.pretrained:
+            return 0
+        from timm.models import get_pretrained_cfg
+        cfg = get_pretrained_cfg(self.pretrained)
+        return int(getattr(cfg, "num_classes", 0) or 0)
+
+    @property
+    def embedding_kind(self) -> str:
+        """What loss.target=embedding distills from this teacher: "projection" (CLIP), "logits" or "" (none)."""
+        return "" if not self.head_dim else "projection" if self.family == "clip" else "logits"
 
 
-def _demo(attr: str):
-    """fdfast.demo.<attr>, imported only when used (the demo module ships the package-bundled weights)."""
-    def get():
-        try:
-            module = importlib.import_module("fdfast.demo")
-        except ModuleNotFoundError as e:
-            raise FDFastError(f"the demo teachers need fdfast.demo, which is not importable ({e})") from None
-        return getattr(module, attr)
-    return get
+CLIP = dict(mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD)
+HALF = dict(mean=IMAGENET_INCEPTION_MEAN, std=IMAGENET_INCEPTION_STD)  # BEiT v1: (0.5, 0.5, 0.5)
 
 
-def _vit(name, family, timm_name, release_file, pretrained=None, norm=IMAGENET, img_size=224, **kw):
-    return TeacherEntry(name, family, timm_name, img_size, norm, release_file, pretrained, kw)
+def _row(name, timm_name, checkpoint_filter, release_file, pretrained=None, *, img_size=224,
+         mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, tokens="final_norm", kwargs_from_weights=None, **kw):
+    return TeacherEntry(name, timm_name, checkpoint_filter, img_size, mean, std, kw, tokens, release_file,
+                        pretrained, None, kwargs_from_weights)
+
+
+def _beit(name, timm_name, release_file, **kw):
+    return _row(name, timm_name, filter_beit, release_file, kwargs_from_weights=beit_arch, use_fc_norm=False, **kw)
 
 
 _ENTRIES = [
     # DINO: facebookresearch/dino backbone files (plain state dict, timm ViT layout)
-    _vit("dino-vit-s16", "dino", "vit_small_patch16_224", "dino_deitsmall16_pretrain.pth", "vit_small_patch16_224.dino"),
-    _vit("dino-vit-s8", "dino", "vit_small_patch8_224", "dino_deitsmall8_pretrain.pth", "vit_small_patch8_224.dino"),
-    _vit("dino-vit-b16", "dino", "vit_base_patch16_224", "dino_vitbase16_pretrain.pth", "vit_base_patch16_224.dino"),
-    _vit("dino-vit-b8", "dino", "vit_base_patch8_224", "dino_vitbase8_pretrain.pth", "vit_base_patch8_224.dino"),
+    _row("dino-vit-s16", "vit_small_patch16_224", filter_dino, "dino_deitsmall16_pretrain.pth",
+         "vit_small_patch16_224.dino"),
+    _row("dino-vit-s8", "vit_small_patch8_224", filter_dino, "dino_deitsmall8_pretrain.pth",
+         "vit_small_patch8_224.dino"),
+    _row("dino-vit-b16", "vit_base_patch16_224", filter_dino, "dino_vitbase16_pretrain.pth",
+         "vit_base_patch16_224.dino"),
+    _row("dino-vit-b8", "vit_base_patch8_224", filter_dino, "dino_vitbase8_pretrain.pth", "vit_base_patch8_224.dino"),
     # DINOv2: facebookresearch/dinov2 (pos embed of 518 px resampled to img_size)
-    _vit("dinov2-vit-s14", "dinov2", "vit_small_patch14_dinov2", "dinov2_vits14_pretrain.pth",
+    _row("dinov2-vit-s14", "vit_small_patch14_dinov2", filter_dinov2, "dinov2_vits14_pretrain.pth",
          "vit_small_patch14_dinov2.lvd142m"),
-    _vit("dinov2-vit-b14", "dinov2", "vit_base_patch14_dinov2", "dinov2_vitb14_pretrain.pth",
+    _row("dinov2-vit-b14", "vit_base_patch14_dinov2", filter_dinov2, "dinov2_vitb14_pretrain.pth",
          "vit_base_patch14_dinov2.lvd142m"),
-    _vit("dinov2-vit-l14", "dinov2", "vit_large_patch14_dinov2", "dinov2_vitl14_pretrain.pth",
+    _row("dinov2-vit-l14", "vit_large_patch14_dinov2", filter_dinov2, "dinov2_vitl14_pretrain.pth",
          "vit_large_patch14_dinov2.lvd142m"),
-    _vit("dinov2-vit-g14", "dinov2", "vit_giant_patch14_dinov2", "dinov2_vitg14_pretrain.pth",
+    _row("dinov2-vit-g14", "vit_giant_patch14_dinov2", filter_dinov2, "dinov2_vitg14_pretrain.pth",
          "vit_giant_patch14_dinov2.lvd142m"),
-    _vit("dinov2-vit-s14-reg", "dinov2", "vit_small_patch14_reg4_dinov2", "dinov2_vits14_reg4_pretrain.pth",
+    _row("dinov2-vit-s14-reg", "vit_small_patch14_reg4_dinov2", filter_dinov2, "dinov2_vits14_reg4_pretrain.pth",
          "vit_small_patch14_reg4_dinov2.lvd142m"),
-    _vit("dinov2-vit-b14-reg", "dinov2", "vit_base_patch14_reg4_dinov2", "dinov2_vitb14_reg4_pretrain.pth",
+    _row("dinov2-vit-b14-reg", "vit_base_patch14_reg4_dinov2", filter_dinov2, "dinov2_vitb14_reg4_pretrain.pth",
          "vit_base_patch14_reg4_dinov2.lvd142m"),
     # DeiT / DeiT III: facebookresearch/deit {"model": ...}
-    _vit("deit-vit-s16", "deit", "deit_small_patch16_224", "deit_small_patch16_224-cd65a155.pth", "deit_small_patch16_224.fb_in1k"),
-    _vit("deit-vit-b16", "deit", "deit_base_patch16_224", "deit_base_patch16_224-b5f2ef4d.pth", "deit_base_patch16_224.fb_in1k"),
-    _vit("deit3-vit-s16", "deit", "deit3_small_patch16_224", "deit_3_small_224_1k.pth", "deit3_small_patch16_224.fb_in1k"),
-    _vit("deit3-vit-b16", "deit", "deit3_base_patch16_224", "deit_3_base_224_1k.pth", "deit3_base_patch16_224.fb_in1k"),
-    _vit("deit3-vit-l16", "deit", "deit3_large_patch16_224", "deit_3_large_224_1k.pth", "deit3_large_patch16_224.fb_in1k"),
+    _row("deit-vit-s16", "deit_small_patch16_224", filter_deit, "deit_small_patch16_224-cd65a155.pth",
+         "deit_small_patch16_224.fb_in1k"),
+    _row("deit-vit-b16", "deit_base_patch16_224", filter_deit, "deit_base_patch16_224-b5f2ef4d.pth",
+         "deit_base_patch16_224.fb_in1k"),
+    _row("deit3-vit-s16", "deit3_small_patch16_224", filter_deit, "deit_3_small_224_1k.pth",
+         "deit3_small_patch16_224.fb_in1k"),
+    _row("deit3-vit-b16", "deit3_base_patch16_224", filter_deit, "deit_3_base_224_1k.pth",
+         "deit3_base_patch16_224.fb_in1k"),
+    _row("deit3-vit-l16", "deit3_large_patch16_224", filter_deit, "deit_3_large_224_1k.pth",
+         "deit3_large_patch16_224.fb_in1k"),
     # MAE: facebookresearch/mae pre-trained encoders {"model": ...}
-    _vit("mae-vit-b16", "mae", "vit_base_patch16_224", "mae_pretrain_vit_base.pth", "vit_base_patch16_224.mae"),
-    _vit("mae-vit-l16", "mae", "vit_large_patch16_224", "mae_pretrain_vit_large.pth", "vit_large_patch16_224.mae"),
-    _vit("mae-vit-h14", "mae", "vit_huge_patch14_224", "mae_pretrain_vit_huge.pth", "vit_huge_patch14_224.mae"),
+    _row("mae-vit-b16", "vit_base_patch16_224", filter_mae, "mae_pretrain_vit_base.pth", "vit_base_patch16_224.mae"),
+    _row("mae-vit-l16", "vit_large_patch16_224", filter_mae, "mae_pretrain_vit_large.pth", "vit_large_patch16_224.mae"),
+    _row("mae-vit-h14", "vit_huge_patch14_224", filter_mae, "mae_pretrain_vit_huge.pth", "vit_huge_patch14_224.mae"),
     # BEiT / BEiT v2: microsoft/unilm self-supervised checkpoints (shared or per-block RPB read from the file)
-    _vit("beit-vit-b16", "beit", "beit_base_patch16_224", "beit_base_patch16_224_pt22k.pth", None, HALF,
-         use_fc_norm=False),
-    _vit("beit-vit-l16", "beit", "beit_large_patch16_224", "beit_large_patch16_224_pt22k.pth", None, HALF,
-         use_fc_norm=False),
-    _vit("beitv2-vit-b16", "beit", "beitv2_base_patch16_224", "beitv2_base_patch16_224_pt1k.pth", use_fc_norm=False),
-    _vit("beitv2-vit-l16", "beit", "beitv2_large_patch16_224", "beitv2_large_patch16_224_pt1k.pth", use_fc_norm=False),
+    _beit("beit-vit-b16", "beit_base_patch16_224", "beit_base_patch16_224_pt22k.pth", **HALF),
+    _beit("beit-vit-l16", "beit_large_patch16_224", "beit_large_patch16_224_pt22k.pth", **HALF),
+    _beit("beitv2-vit-b16", "beitv2_base_patch16_224", "beitv2_base_patch16_224_pt1k.pth"),
+    _beit("beitv2-vit-l16", "beitv2_large_patch16_224", "beitv2_large_patch16_224_pt1k.pth"),
     # EVA-02: baaivision/EVA MIM pre-trained (tokens after the final norm, not fc_norm)
-    _vit("eva02-vit-b14", "eva02", "eva02_base_patch14_224", "eva02_B_pt_in21k_p14.pt",
-         "eva02_base_patch14_224.mim_in22k", CLIP, use_fc_norm=False),
-    _vit("eva02-vit-l14", "eva02", "eva02_large_patch14_224", "eva02_L_pt_m38m_p14.pt",
-         "eva02_large_patch14_224.mim_m38m", CLIP, use_fc_norm=False),
+    _row("eva02-vit-b14", "eva02_base_patch14_224", filter_eva02, "eva02_B_pt_in21k_p14.pt",
+         "eva02_base_patch14_224.mim_in22k", **CLIP, use_fc_norm=False),
+    _row("eva02-vit-l14", "eva02_large_patch14_224", filter_eva02, "eva02_L_pt_m38m_p14.pt",
+         "eva02_large_patch14_224.mim_m38m", **CLIP, use_fc_norm=False),
     # CLIP: OpenAI .pt (TorchScript) or open_clip files; tokens after ln_post, before proj
-    _vit("clip-vit-b16", "clip", "vit_base_patch16_clip_quickgelu_224", "ViT-B-16.pt",
-         "vit_base_patch16_clip_quickgelu_224.openai", CLIP),
-    _vit("clip-vit-l14", "clip", "vit_large_patch14_clip_quickgelu_224", "ViT-L-14.pt",
-         "vit_large_patch14_clip_quickgelu_224.openai", CLIP),
-    _vit("clip-vit-l14-336", "clip", "vit_large_patch14_clip_quickgelu_336", "ViT-L-14-336px.pt",
-         "vit_large_patch14_clip_quickgelu_336.openai", CLIP, img_size=336),
-    _vit("openclip-vit-b16-laion2b", "clip", "vit_base_patch16_clip_224", "open_clip_pytorch_model.bin",
-         "vit_base_patch16_clip_224.laion2b", CLIP),
+    _row("clip-vit-b16", "vit_base_patch16_clip_quickgelu_224", filter_clip, "ViT-B-16.pt",
+         "vit_base_patch16_clip_quickgelu_224.openai", **CLIP),
+    _row("clip-vit-l14", "vit_large_patch14_clip_quickgelu_224", filter_clip, "ViT-L-14.pt",
+         "vit_large_patch14_clip_quickgelu_224.openai", **CLIP),
+    _row("clip-vit-l14-336", "vit_large_patch14_clip_quickgelu_336", filter_clip, "ViT-L-14-336px.pt",
+         "vit_large_patch14_clip_quickgelu_336.openai", img_size=336, **CLIP),
+    _row("openclip-vit-b16-laion2b", "vit_base_patch16_clip_224", filter_clip, "open_clip_pytorch_model.bin",
+         "vit_base_patch16_clip_224.laion2b", **CLIP),
     # Swin family: EsViT Swin-B (stage-4 tokens), Swin (v1), SwinV2
-    _vit("esvit-swin-b-w14", "esvit", "swin_base_patch4_window7_224", "checkpoint_best.pth (EsViT Swin-B/W=14)",
-         None, window_size=14),
-    _vit("esvit-swin-b-w7", "esvit", "swin_base_patch4_window7_224", "checkpoint_best.pth (EsViT Swin-B/W=7)"),
-    _vit("swin-l-w7", "swin", "swin_large_patch4_window7_224", "swin_large_patch4_window7_224_22k.pth",
+    _row("esvit-swin-b-w14", "swin_base_patch4_window7_224", filter_esvit, "checkpoint_best.pth (EsViT Swin-B/W=14)",
+         window_size=14),
+    _row("esvit-swin-b-w7", "swin_base_patch4_window7_224", filter_esvit, "checkpoint_best.pth (EsViT Swin-B/W=7)"),
+    _row("swin-l-w7", "swin_large_patch4_window7_224", filter_swin, "swin_large_patch4_window7_224_22k.pth",
          "swin_large_patch4_window7_224.ms_in22k"),
-    _vit("swinv2-t-w8", "swinv2", "swinv2_tiny_window8_256", "swinv2_tiny_patch4_window8_256.pth",
+    _row("swinv2-t-w8", "swinv2_tiny_window8_256", filter_swinv2, "swinv2_tiny_patch4_window8_256.pth",
          "swinv2_tiny_window8_256.ms_in1k", img_size=256),
-    _vit("swinv2-b-w8", "swinv2", "swinv2_base_window8_256", "swinv2_base_patch4_window8_256.pth",
+    _row("swinv2-b-w8", "swinv2_base_window8_256", filter_swinv2, "swinv2_base_patch4_window8_256.pth",
          "swinv2_base_window8_256.ms_in1k", img_size=256),
-    # CNNs: the final feature map (timm features_only) as tokens
-    _vit("resnet50", "cnn", "resnet50", "resnet50 timm state dict", "resnet50.a1_in1k"),
-    _vit("convnext-b", "cnn", "convnext_base", "convnext_base timm state dict", "convnext_base.fb_in1k"),
+    # CNNs: the last stage's feature map as tokens
+    _row("resnet50", "resnet50", filter_timm, "resnet50 timm state dict", "resnet50.a1_in1k", tokens="last_stage"),
+    _row("convnext-b", "convnext_base", filter_timm, "convnext_base timm state dict", "convnext_base.fb_in1k",
+         tokens="last_stage"),
 ]
 REGISTRY: dict[str, TeacherEntry] = {e.name: e for e in _ENTRIES}
+_PLUGGED: dict[str, TeacherEntry] = {}  # entries registered by plugins (fdfast.plugins), e.g. the demo's
 
 
-def _demo_entry(name, const, weights_fn, family, default_timm, mean_std=("DEMO_MEAN", "DEMO_STD")):
-    """A teacher whose timm name/kwargs, mean/std and weights come from fdfast.demo (package-bundled weights)."""
-    def resolve() -> TeacherEntry:
-        try:
-            timm_name, timm_kwargs = _demo(const)()
-            norm = (tuple(_demo(mean_std[0])()), tuple(_demo(mean_std[1])()))
-        except (FDFastError, AttributeError):  # table rows still print before fdfast.demo exists
-            timm_name, timm_kwargs, norm = default_timm, {}, IMAGENET
-        return TeacherEntry(name, family, timm_name, 224, norm, f"fdfast.demo.{weights_fn}()",
-                            None, dict(timm_kwargs), lambda: _demo(weights_fn)()())
-    return resolve
-
-
-DEMO_TEACHERS = {
-    "demo-dinov2-s14": _demo_entry("demo-dinov2-s14", "DINOV2_S14_TIMM", "dinov2_s14_weights", "timm",
-                                   "vit_small_patch14_dinov2"),
-    "demo-efficientnet-lite0": _demo_entry("demo-efficientnet-lite0", "EFFICIENTNET_LITE0_TIMM",
-                                           "efficientnet_lite0_weights", "cnn", "efficientnet_lite0",
-                                           ("EFFICIENTNET_LITE0_MEAN", "EFFICIENTNET_LITE0_STD")),
-}
+def register_teacher(entry: TeacherEntry) -> None:
+    """Add a teacher to the registry (a plugin calls this from its fdfast.plugins entry point)."""
+    if not isinstance(entry, TeacherEntry):
+        raise FDFastError(f"register_teacher takes a TeacherEntry, got a {type(entry).__name__}")
+    if entry.name in REGISTRY:
+        raise FDFastError(f"teacher {entry.name!r} is a built-in registry name; register the plugin's teacher "
+                          f"under another name")
+    if entry.tokens not in TOKEN_CHOICES:
+        raise FDFastError(f"teacher {entry.name!r}: tokens must be one of {list(TOKEN_CHOICES)}, got {entry.tokens!r}")
+    _PLUGGED[entry.name] = entry  # a plugin loaded again (tests reset plugins) replaces its own rows
 
 
 def teacher_names() -> list[str]:
-    return sorted(DEMO_TEACHERS) + sorted(REGISTRY)
+    from fdfast.plugins import load_plugins
+    load_plugins()
+    return sorted(_PLUGGED) + sorted(REGISTRY)
 
 
 OPEN_CLIP = "open_clip:"  # open_clip:MODEL[:PRETRAINED], e.g. open_clip:ViT-B-16:laion2b_s34b_b88k
@@ -168,10 +349,10 @@ def _open_clip_entry(name: str) -> TeacherEntry:
     kwargs = dict(embed_dim=v["width"], depth=v["layers"], num_heads=v["width"] // v.get("head_width", 64),
                   patch_size=v["patch_size"], mlp_ratio=v.get("mlp_ratio", 4.0))
     arch = "vit_base_patch16_clip_quickgelu_224" if quick else "vit_base_patch16_clip_224"
-    hub = (lambda: _open_clip_weights(model_name, tag)) if tag else None
-    return TeacherEntry(name, "clip", arch, int(v["image_size"]), CLIP,
-                        f"open_clip {model_name} weights (open_clip_model.safetensors, or OpenAI's .pt)", None,
-                        kwargs, hub)
+    return TeacherEntry(name, arch, filter_clip, int(v["image_size"]), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, kwargs,
+                        release_file=f"open_clip {model_name} weights (open_clip_model.safetensors, or OpenAI's .pt)",
+                        default_weights=(lambda: _open_clip_weights(model_name, tag)) if tag else None,
+                        embedding_dim=int(cfg["embed_dim"]))
 
 
 def _open_clip_weights(model_name: str, tag: str) -> dict:
@@ -187,8 +368,10 @@ def _open_clip_weights(model_name: str, tag: str) -> dict:
 
 def get_entry(name: str) -> TeacherEntry:
     """The registry entry of ``name``; ``open_clip:MODEL[:TAG]`` and any other timm model name get an entry too."""
-    if name in DEMO_TEACHERS:
-        return DEMO_TEACHERS[name]()
+    from fdfast.plugins import load_plugins, missing_name_error, plugin_failures
+    load_plugins()
+    if name in _PLUGGED:
+        return _PLUGGED[name]
     if name in REGISTRY:
         return REGISTRY[name]
     if name.startswith(OPEN_CLIP):
@@ -196,91 +379,107 @@ def get_entry(name: str) -> TeacherEntry:
     import timm
     arch = name.split(".")[0]
     if not timm.is_model(arch):
+        if any(name == p or name.startswith(p + "-") for p in plugin_failures()):
+            raise missing_name_error("teacher", name, teacher_names(), "fdfast.models.teachers.register_teacher")
         import difflib
         near = difflib.get_close_matches(name, teacher_names(), n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
         raise FDFastError(f"unknown teacher {name!r}{hint}; `fdfast teachers` lists the registry, "
                           f"and any timm model name works too")
-    from timm.models import get_pretrained_cfg
+    return _timm_entry(name, arch)
+
+
+def _timm_entry(name: str, arch: str) -> TeacherEntry:
+    """A plain timm model name: its pretrained config gives size and mean/std; its module, the layout."""
+    from timm.models import get_pretrained_cfg, is_model_in_modules
     cfg = get_pretrained_cfg(name)
     cfg = cfg.to_dict() if cfg is not None else {}
-    norm = (tuple(cfg.get("mean", IMAGENET[0])), tuple(cfg.get("std", IMAGENET[1])))
-    size = int(cfg.get("input_size", (3, 224, 224))[-1])
-    return TeacherEntry(name, _timm_family(arch), arch, size, norm, f"a {arch} timm state dict",
-                        name if "." in name or cfg.get("hf_hub_id") or cfg.get("url") else None)
+    vit_like = is_model_in_modules(arch, ["vision_transformer", "deit", "beit", "eva", "vision_transformer_relpos",
+                                          "vision_transformer_sam", "swin_transformer_v2_cr"])
+    filters = {"swin_transformer": filter_swin, "swin_transformer_v2": filter_swinv2}
+    checkpoint_filter = next((f for module, f in filters.items() if is_model_in_modules(arch, [module])), filter_timm)
+    tokens_choice = "final_norm" if vit_like or checkpoint_filter is not filter_timm else "last_stage"
+    return TeacherEntry(name, arch, checkpoint_filter, int(cfg.get("input_size", (3, 224, 224))[-1]),
+                        tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN)), tuple(cfg.get("std", IMAGENET_DEFAULT_STD)),
+                        tokens=tokens_choice, release_file=f"a {arch} timm state dict",
+                        pretrained=name if "." in name or cfg.get("hf_hub_id") or cfg.get("url") else None)
 
 
-def _timm_family(arch: str) -> str:
-    """How tokens are read from a timm architecture: ViT-like [B,N,C], Swin-like NHWC, or a CNN map."""
-    from timm.models import is_model_in_modules
-    if is_model_in_modules(arch, ["swin_transformer", "swin_transformer_v2", "swin_transformer_v2_cr"]):
-        return "swin"
-    if is_model_in_modules(arch, ["vision_transformer", "deit", "beit", "eva", "vision_transformer_relpos",
-                                  "vision_transformer_sam"]):
-        return "timm"
-    return "cnn"
-
+# ---- the teacher -------------------------------------------------------------------------------------------
 
 class Teacher(nn.Module):
     """A frozen teacher: forward(images [B,3,H,W]) -> tokens [B,N,C] after its final norm, before whitening.
 
     Attributes: ``dim`` (C), ``grid`` (h, w) of the patch tokens, ``num_prefix_tokens`` (CLS [+ registers],
     first in N), ``mean`` / ``std`` (the normalisation its inputs need), ``img_size`` (images of another size
-    are resized to it, bilinear with antialiasing).
+    are resized to it, bilinear with antialiasing), ``embedding_dim``: width of ``embedding(images)``, the
+    final pooled output (0: built without its head), ``drop_path``: > 0 keeps its DropPath layers active in
+    train mode (the paper's ablation of its asymmetric drop path; norms and dropout stay in eval).
     """
 
-    def __init__(self, backbone: nn.Module, tokens: str, entry: TeacherEntry, img_size: int):
+    def __init__(self, backbone: nn.Module, entry: TeacherEntry, img_size: int, drop_path: float = 0.0):
         super().__init__()
         self.backbone = backbone
-        self.tokens = tokens  # "vit" [B,N,C] | "nhwc" [B,H,W,C] | "cnn" list of [B,C,H,W]
         self.name, self.family = entry.name, entry.family
-        self.mean, self.std = tuple(entry.norm[0]), tuple(entry.norm[1])
+        self.mean, self.std = tuple(entry.mean), tuple(entry.std)
         self.img_size = int(img_size)
+        self.drop_path = float(drop_path)
+        self.embedding_dim = int(getattr(backbone, "num_classes", 0) or 0) if has_head(backbone) else 0
         for p in self.parameters():
             p.requires_grad_(False)
         self.eval()
-        self.grid, self.num_prefix_tokens, self.dim = self._geometry()
+        geom = tokens.geometry(backbone, (self.img_size, self.img_size))
+        self.layout, self.grid, self.num_prefix_tokens, self.dim = geom.layout, geom.grid, geom.num_prefix_tokens, \
+            geom.dim
 
     def train(self, mode: bool = True):
-        return super().train(False)  # the teacher is frozen in eval mode (no dropout, no drop path)
+        """Frozen in eval mode (norm statistics, dropout); only with drop_path > 0 do its DropPath layers follow
+        ``mode``. It never gets a gradient either way."""
+        super().train(False)
+        if mode and self.drop_path > 0:
+            for m in self.modules():
+                if isinstance(m, DropPath):
+                    m.train(True)
+        return self
 
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def _at_own_size(self, images: torch.Tensor) -> torch.Tensor:
         if tuple(images.shape[-2:]) != (self.img_size, self.img_size):
             # a teacher sees its own input size (FD feeds CLIP L/14 224 px while the student sees 256 px)
             images = F.interpolate(images, size=(self.img_size, self.img_size), mode="bilinear",
                                    align_corners=False, antialias=True)
-        if self.tokens == "cnn":
-            x = self.backbone(images)[-1]  # [B, C, H, W]
-            return x.flatten(2).transpose(1, 2)
-        x = self.backbone.forward_features(images)
-        return x.flatten(1, 2) if self.tokens == "nhwc" else x  # [B, N, C]
+        return images
 
-    def _geometry(self):
-        """(grid (h, w), prefix tokens, width) of the output at img_size, from the architecture."""
-        m = self.backbone
-        if self.tokens == "vit":
-            return tuple(int(s) for s in m.patch_embed.grid_size), int(getattr(m, "num_prefix_tokens", 1)), \
-                int(m.num_features)
-        if self.tokens == "nhwc":
-            reduction = int(m.feature_info[-1]["reduction"])
-            return (self.img_size // reduction,) * 2, 0, int(m.num_features)
-        device = next(self.backbone.parameters()).device
-        out = self.forward(torch.zeros(1, 3, self.img_size, self.img_size, device=device))
-        reduction = int(m.feature_info.reduction()[-1])
-        h = w = -(-self.img_size // reduction)
-        if h * w != out.shape[1]:
-            h = w = int(round(out.shape[1] ** 0.5))
-        return (h, w), 0, int(out.shape[-1])
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return tokens.final_tokens(self.backbone, self._at_own_size(images))  # [B, N, C]
+
+    @torch.no_grad()
+    def embedding(self, images: torch.Tensor) -> torch.Tensor:
+        """The final pooled output [B, embedding_dim]: the CLIP image embedding after its projection, or logits."""
+        if not self.embedding_dim:
+            raise FDFastError(embedding_error(self.name))
+        return self.backbone(self._at_own_size(images))
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, grid={self.grid}, prefix={self.num_prefix_tokens}, dim={self.dim}"
+        return (f"name={self.name!r}, grid={self.grid}, prefix={self.num_prefix_tokens}, dim={self.dim}, "
+                f"embedding_dim={self.embedding_dim}, drop_path={self.drop_path}")
+
+
+def embedding_teachers() -> list[str]:
+    """Registry teachers with a final pooled output (CLIP projection / classifier logits) for loss.target=embedding."""
+    return [n for n in teacher_names() if get_entry(n).head_dim]
+
+
+def embedding_error(name: str) -> str:
+    return (f"teacher {name!r} has no final pooled output (no CLIP projection, no classifier head), so "
+            f"loss.target=embedding has nothing to distill; use loss.target=cls or tokens, or a teacher that has "
+            f"one: {', '.join(embedding_teachers())} (or a timm classifier name)")
 
 
 def _create(entry: TeacherEntry, img_size: int, pretrained: bool, kw: dict) -> nn.Module:
     import timm
     kwargs = dict(entry.timm_kwargs)
-    if entry.family != "cnn":
+    if entry.tokens != "last_stage":
         kwargs["img_size"] = img_size  # the weights' own size is resampled to it
     kwargs.update(kw)
     kwargs.setdefault("num_classes", 0)
@@ -293,20 +492,30 @@ def _create(entry: TeacherEntry, img_size: int, pretrained: bool, kw: dict) -> n
     return model
 
 
-def build_teacher(name: str, weights=None, img_size: int | None = None, **kw) -> Teacher:
+def build_teacher(name: str, weights=None, img_size: int | None = None, *, embedding: bool = False,
+                  drop_path: float = 0.0, **kw) -> Teacher:
     """A frozen teacher by registry, open_clip or timm name.
 
     weights: a local file in the family's published layout (or timm's), or such a state dict; None: the
-    entry's default source (the demo's bundled file, timm's or open_clip's hub cache); "random": random
+    entry's default source (a plugin's bundled file, timm's or open_clip's hub cache); "random": random
     init (tests, smoke runs).
     img_size: input size (default: the entry's); absolute position embeddings are resampled to it.
+    embedding: keep the head (CLIP projection / classifier), so ``Teacher.embedding`` works (loss.target=embedding).
+    drop_path: the teacher's drop path rate (timm's drop_path_rate); active in train mode only (see Teacher).
     kw: timm kwargs overriding the entry's.
     """
     entry = get_entry(name)
     img_size = int(img_size or entry.img_size)
+    if embedding and not entry.head_dim:
+        raise FDFastError(embedding_error(entry.name))
+    if drop_path and "drop_path_rate" in kw:
+        raise FDFastError(f"teacher {entry.name!r}: set the drop path once, teacher.drop_path={drop_path} or "
+                          f"teacher.kwargs drop_path_rate={kw['drop_path_rate']}, not both")
+    kw = dict({"num_classes": entry.head_dim} if embedding else {}, **kw)  # teacher.kwargs num_classes wins
+    if drop_path:
+        kw["drop_path_rate"] = float(drop_path)
     if weights is None and entry.default_weights is not None:
         weights = entry.default_weights()
-    tokens = {"swin": "nhwc", "esvit": "nhwc", "swinv2": "nhwc", "cnn": "cnn"}.get(entry.family, "vit")
     if weights is None:
         model = _from_hub(entry, img_size, kw)
     elif isinstance(weights, str) and weights == "random":
@@ -314,38 +523,19 @@ def build_teacher(name: str, weights=None, img_size: int | None = None, **kw) ->
     else:
         raw = weights if isinstance(weights, dict) else convert.read_weights(weights)
         source = "the given state dict" if isinstance(weights, dict) else repr(str(weights))
-        arch = convert.beit_arch(raw) if entry.family == "beit" else {}  # shared or per-block RPB, as in the file
-        model = _create(entry, img_size, False, dict(arch, **kw))
+        implied = entry.kwargs_from_weights(raw) if entry.kwargs_from_weights else {}
+        model = _create(entry, img_size, False, dict(implied, **kw))
         fix = (f"Pass the {entry.name} weights ({entry.release_file or entry.timm_name}) as --teacher-weights, "
                f"or a teacher name whose architecture matches the file")
-        convert.load_strict(model, convert.FILTERS[entry.family](raw, model),
+        convert.load_strict(model, entry.checkpoint_filter(raw, model),
                             f"weights {source} for teacher {entry.name!r}", fix)
-    if tokens == "cnn":
-        model = _final_map_extractor(entry, model, kw)
-    return Teacher(model, tokens, entry, img_size)
-
-
-def _final_map_extractor(entry: TeacherEntry, full: nn.Module, kw: dict) -> nn.Module:
-    """timm's features_only model (last stage) carrying the weights already loaded strictly into ``full``.
-
-    timm's feature wrappers may rename modules (flatten_sequential joins ``stem.0`` into ``stem_0``); each key
-    of the wrapper is looked up under both names and all of them must be found.
-    """
-    import timm
-    kwargs = {k: v for k, v in dict(entry.timm_kwargs, **kw).items() if k != "num_classes"}
-    features = timm.create_model(entry.timm_name, features_only=True, out_indices=(-1,), **kwargs)
-    weights, loaded = {}, full.state_dict()
-    for k in features.state_dict():
-        head, _, rest = k.partition(".")
-        for cand in (k, head.replace("_", ".", 1) + "." + rest):
-            if cand in loaded:
-                weights[k] = loaded[cand]
-                break
-        else:
-            raise FDFastError(f"teacher {entry.name!r}: timm's features_only {entry.timm_name} has a parameter {k!r} "
-                              f"that the full model lacks; use a teacher name whose timm model supports features_only")
-    features.load_state_dict(weights, strict=True)
-    return features
+    if (tokens.layout(model) == "cnn") != (entry.tokens == "last_stage"):
+        raise FDFastError(f"teacher {entry.name!r}: tokens {entry.tokens!r} do not fit timm {entry.timm_name} "
+                          f"(a {tokens.layout(model)} layout); use 'last_stage' for CNNs, 'final_norm' otherwise")
+    if drop_path and not any(isinstance(m, DropPath) for m in model.modules()):
+        raise FDFastError(f"teacher {entry.name!r}: timm {entry.timm_name} has no drop path layers, so "
+                          f"teacher.drop_path={drop_path} would change nothing; set teacher.drop_path=0")
+    return Teacher(model if embedding else tokens.prune_to_final_tokens(model), entry, img_size, drop_path)
 
 
 def _from_hub(entry: TeacherEntry, img_size: int, kw: dict) -> nn.Module:
@@ -372,27 +562,16 @@ def registry_rows() -> list[dict]:
     for name in teacher_names():
         e = get_entry(name)
         rows.append(dict(name=name, family=e.family, timm=e.timm_name, input=e.img_size,
-                         mean=e.norm[0], std=e.norm[1], **_meta_geometry(e), weights=e.release_file))
+                         mean=e.mean, std=e.std, **_meta_geometry(e), weights=e.release_file,
+                         embedding=f"{e.embedding_kind}:{e.head_dim}" if e.head_dim else "-"))
     return rows
 
 
 def _meta_geometry(e: TeacherEntry) -> dict:
     try:
-        import timm
-        kwargs = dict(e.timm_kwargs, num_classes=0)
-        if e.family != "cnn":
-            kwargs["img_size"] = e.img_size
         with torch.device("meta"):
-            m = timm.create_model(e.timm_name, **kwargs)
-        if e.family == "cnn":
-            info = m.feature_info[-1]
-            g = -(-e.img_size // int(info["reduction"]))
-            return dict(grid=f"{g}x{g}", prefix=0, width=int(info["num_chs"]))
-        if e.family in ("swin", "esvit", "swinv2"):
-            g = e.img_size // int(m.feature_info[-1]["reduction"])
-            return dict(grid=f"{g}x{g}", prefix=0, width=int(m.num_features))
-        h, w = m.patch_embed.grid_size
-        return dict(grid=f"{h}x{w}", prefix=int(getattr(m, "num_prefix_tokens", 1)), width=int(m.num_features))
+            geom = tokens.geometry(_create(e, e.img_size, False, {}), (e.img_size, e.img_size))
+        return dict(grid=f"{geom.grid[0]}x{geom.grid[1]}", prefix=geom.num_prefix_tokens, width=geom.dim)
     except Exception as ex:  # a row that cannot be built still prints
         return dict(grid="?", prefix="?", width=f"? ({type(ex).__name__})")
 
@@ -403,14 +582,14 @@ def _fmt(t) -> str:
 
 def print_registry(rows=None) -> None:
     rows = rows if rows is not None else registry_rows()
-    head = ["name", "family", "input", "mean", "std", "grid", "prefix", "width", "timm architecture"]
+    head = ["name", "family", "input", "mean", "std", "grid", "prefix", "width", "embedding", "timm architecture"]
     table = [[r["name"], r["family"], str(r["input"]), _fmt(r["mean"]), _fmt(r["std"]), r["grid"],
-              str(r["prefix"]), str(r["width"]), r["timm"]] for r in rows]
+              str(r["prefix"]), str(r["width"]), r["embedding"], r["timm"]] for r in rows]
     widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(head)]
     for line in [head] + table:
         print("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip())
     print("\nAny timm model name works too. Weights: --teacher-weights FILE (the family's release file), "
-          "or timm's hub cache when online.")
+          "or timm's hub cache when online. embedding: the final pooled output loss.target=embedding distills.")
 
 
 def register(subparsers) -> None:

@@ -1,0 +1,64 @@
+"""`fdfast finetune MODEL [RECIPE]`: fine-tune any model fdfast reads on a labelled image set, METHOD.md's recipe.
+
+    fdfast finetune runs/demo                       # the demo FD student on the demo-labelled set (ft_demo)
+    fdfast finetune teacher:demo-dinov2-s14 ft_demo --set data.img_size=56
+    fdfast finetune RUN ft_dino_b16 --data /imagenet --out runs/ft --resume auto
+
+Writes DIR/config.yaml, DIR/model.json (what was fine-tuned, classes, normalisation), DIR/metrics.jsonl (one row
+per epoch: train_loss, lr, top1, top5, ...), DIR/checkpoints/step-<epoch>/ (committed "last"),
+DIR/best.safetensors and DIR/model.safetensors (timm exports of the best and the final classifier) and
+DIR/summary.json (top1, top5, best_epoch).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fdfast.finetune.config import FinetuneConfig, load_finetune_config
+from fdfast.finetune.loop import finetune
+
+__all__ = ["FinetuneConfig", "load_finetune_config", "finetune", "register"]
+
+FLAG_KEYS = {"data": "data.path", "val": "data.val_path", "epochs": "optim.epochs", "batch_size": "data.batch_size",
+             "img_size": "data.img_size", "device": "runtime.device"}
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("finetune", help="fine-tune a student / teacher / timm model on labelled images",
+                              description="Fine-tune MODEL (FD run dir, checkpoints/step-N dir, student file, timm "
+                                          "export, teacher:NAME[@WEIGHTS], or a timm name for random init) with a "
+                                          "fine-tune recipe (ft_*). Without --data: the demo-labelled set.")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("recipe", nargs="?", default="ft_demo", help="fine-tune recipe name or YAML path (default: ft_demo)")
+    p.add_argument("--data", help="class-subfolder training set, or a folder holding train/ and val/")
+    p.add_argument("--val", help="class-subfolder validation set (default: DATA/val)")
+    p.add_argument("--out", help="run directory (default: runs/ft-<recipe>)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--img-size", type=int, help="input size (default: the model's own)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--resume", help="'auto' (newest committed checkpoint in --out) or a checkpoint path")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.set_defaults(func=run_cli)
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[FinetuneConfig, Path]:
+    import yaml
+    from fdfast.config import apply_overrides, parse_override
+    overrides = dict(parse_override(s) for s in args.set)
+    for flag, key in FLAG_KEYS.items():
+        if getattr(args, flag) is not None:
+            overrides[key] = getattr(args, flag)
+    out = Path(args.out or f"runs/ft-{Path(args.recipe).stem}")
+    saved = out / "config.yaml"
+    if args.resume and saved.is_file():  # continue the run as it was configured (+ explicit overrides)
+        return FinetuneConfig.from_dict(apply_overrides(yaml.safe_load(saved.read_text()), overrides)), out
+    return load_finetune_config(args.recipe, overrides), out
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    cfg, out = config_from_args(args)
+    s = finetune(cfg, args.model, out, resume=args.resume)
+    print(f"fdfast finetune: top-1 {s['top1']:.2f}  top-5 {s['top5']:.2f} (best of {s['epochs']} epochs: epoch "
+          f"{s['best_epoch']}) in {s['wall_s']:.0f}s -> {out / 'best.safetensors'}")
+    return 0

@@ -1,0 +1,152 @@
+"""SIGINT / SIGTERM as schedulers send them: workers ignore them, the main process stops at a step boundary.
+
+SLURM preemption, Kubernetes pod deletion, `timeout`, torchrun's shutdown and Ctrl-C in a terminal signal
+every process of the job's process group, not only the main one. So:
+- child processes and native threads fdfast starts (DataLoader workers and their forkserver, DALI's pipeline
+  threads) are created inside `stop_signals_blocked()`, and worker processes then ignore both signals unless
+  their own main process sends them (`ignore_stop_signals`, their init function): stopping is the main
+  process's decision, and a worker that died first would crash the step in flight ("DataLoader worker ...
+  is killed by signal: Terminated");
+- the main process's `StopRequest` only notes the first signal; the training step folds that note into the
+  all-reduce it does anyway (`all_reduce_step`), so every rank stops after the same step, which is committed;
+- a second signal aborts at once (KeyboardInterrupt), unless it repeats the first within REPEAT_WINDOW_S:
+  that is one stop delivered twice (the group signal plus a launcher forwarding it to each rank).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+
+import torch
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+REPEAT_WINDOW_S = 2.0  # seconds: a second signal sooner than this is the first one delivered again
+
+
+@contextlib.contextmanager
+def stop_signals_blocked():
+    """Block SIGINT / SIGTERM in this thread while it starts processes or threads.
+
+    Children inherit the signal mask (through fork and exec), so a signal sent to the group while a worker
+    is still starting stays pending instead of killing it before its init takes charge of it; native threads
+    keep them blocked for good, so the kernel delivers the signals to the main thread, where Python's handler
+    runs. Signals that arrive in the meantime are delivered to this thread when the block ends.
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def start_forkserver() -> None:
+    """Start multiprocessing's forkserver (if not running) with SIGINT / SIGTERM blocked for good.
+
+    The server only ignores SIGINT itself, and a SIGTERM to the group would kill it; its workers then quit
+    (they watch their parent) and the step in flight crashes. Blocked, the signals stay pending in the server.
+    The resource tracker is started first and outside the block: starting it UNBLOCKS both signals in the
+    calling thread (CPython's resource_tracker), and it ignores them itself.
+    """
+    from multiprocessing import forkserver, resource_tracker
+    resource_tracker.ensure_running()
+    with stop_signals_blocked():
+        forkserver.ensure_running()
+
+
+def ignore_stop_signals(worker_id: int | None = None, *, main_pid: int | None = None) -> None:
+    """Init of a worker process (DataLoader's worker_init_fn): SIGINT / SIGTERM from the group are ignored.
+
+    Call it with both signals still blocked (inherited from `stop_signals_blocked`): they stay blocked, and a
+    daemon thread takes them with sigtimedwait, so none can arrive unjudged. SIGTERM sent by the main process
+    (``main_pid``, default: the parent) or by the worker's parent is its DataLoader's terminate(): the worker
+    exits at once, as torch's workers do. Anything else (a scheduler, ``kill`` of the group, Ctrl-C) is
+    ignored. The thread also ends the worker once the main process is gone: a forkserver's worker is not the
+    main process's child, so torch's own parent watch cannot see that.
+    """
+    main_pid = main_pid or os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # new threads inherit it: all of them block
+    threading.Thread(target=_judge_stop_signals, args=(main_pid,), name="fdfast-worker-signals", daemon=True).start()
+
+
+def _judge_stop_signals(main_pid: int) -> None:
+    allowed = {main_pid, os.getppid()}  # who may terminate this worker
+    while True:
+        info = signal.sigtimedwait(STOP_SIGNALS, 1.0)  # seconds
+        if info is None:
+            try:
+                os.kill(main_pid, 0)
+            except ProcessLookupError:
+                os._exit(0)  # the main process is gone: nobody will read this worker's batches
+        elif info.si_signo == signal.SIGTERM and info.si_pid in allowed:
+            os._exit(0)
+
+
+class StopRequest:
+    """The first SIGINT / SIGTERM asks the loop to stop after the step in flight (no update cut in half);
+    a second one, REPEAT_WINDOW_S or more later, interrupts at once. Use as a context manager (or call
+    restore()) to put the previous handlers back. Handlers can only be set in the main thread; elsewhere
+    the request is inert (never set)."""
+
+    def __init__(self, command: str = "fdfast", announce: bool = True):
+        self.command, self.announce = command, announce  # announce: say so on stderr (rank 0 only)
+        self.signum: int | None = None
+        self.received_at = 0.0  # time.monotonic() of the first signal
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else "another rank's signal"
+
+    def _handle(self, signum, frame) -> None:
+        now = time.monotonic()
+        if self.signum is None:
+            self.signum, self.received_at = signum, now
+            self._say(f"{self.command}: {signal.Signals(signum).name}: stopping after this step "
+                      f"(send it again to abort now)")
+        elif now - self.received_at >= REPEAT_WINDOW_S:
+            raise KeyboardInterrupt(f"aborted by a second {signal.Signals(signum).name}; the newest committed "
+                                    f"checkpoint is intact")
+
+    def _say(self, line: str) -> None:
+        # os.write, not print: a handler that runs while the main thread is inside a buffered stderr write
+        # would make print raise "reentrant call"
+        if self.announce:
+            os.write(2, (line + "\n").encode())
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def __enter__(self) -> "StopRequest":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+
+def all_reduce_step(loss_sum: float, stop: bool, info) -> tuple[float, bool]:
+    """(loss averaged over ranks, whether ANY rank asked to stop), in the step's one all-reduce.
+
+    ``info`` is a fdfast.distributed.DistInfo. The flag rides in the same float64 tensor as the loss, so
+    the stop decision costs no extra collective and every rank takes the same one: a rank whose signal
+    arrives after it sent its flag stops one step later together with the others. A non-finite loss on
+    any rank makes the mean non-finite on every rank (the collective skip).
+    """
+    if info.world_size == 1:
+        return loss_sum, stop
+    import torch.distributed as dist
+    t = torch.tensor([loss_sum, float(stop)], dtype=torch.float64, device=info.device)
+    dist.all_reduce(t)  # SUM: [sum of losses, number of ranks asking to stop]
+    loss_total, stopping = t.tolist()  # one host sync
+    return loss_total / info.world_size, stopping > 0

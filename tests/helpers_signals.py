@@ -1,0 +1,118 @@
+"""Run a command in its own session and signal its whole process group, as schedulers and Ctrl-C do.
+
+    run = GroupRun([sys.executable, "-m", "fdfast", "train", ...], tmp_path / "logs")
+    run.wait_for(lambda: metrics_lines(out) >= 3)     # a marker that the run is mid-way
+    run.killpg(signal.SIGTERM)                        # every process of the group: main, workers, forkserver
+    rc = run.wait()                                   # then run.stderr, run.group_alive()
+
+start_new_session=True makes the child the leader of a new session and process group (its pgid is its
+pid), so os.killpg reaches it and everything it forks, and nothing of the test process itself.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+
+class GroupRun:
+    """A command started in its own session; stdout / stderr go to files (no pipe that fills up)."""
+
+    def __init__(self, argv: list[str], log_dir: str | Path, env: dict | None = None):
+        self.log_dir = Path(log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.argv = list(argv)
+        with open(self.log_dir / "stdout.txt", "wb") as out, open(self.log_dir / "stderr.txt", "wb") as err:
+            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=err, start_new_session=True,
+                                         env={**os.environ, **(env or {})})
+        self.pgid = self.proc.pid
+
+    @property
+    def stdout(self) -> str:
+        return (self.log_dir / "stdout.txt").read_text(errors="replace")
+
+    @property
+    def stderr(self) -> str:
+        return (self.log_dir / "stderr.txt").read_text(errors="replace")
+
+    def wait_for(self, ready, timeout: float = 180.0, poll: float = 0.05) -> None:
+        """Poll ready() until true; fails (with the log) if the process ends first or time runs out."""
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.argv[:4]} ended (rc {self.proc.returncode}) before the marker:\n"
+                                     f"{self.stderr[-3000:]}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(f"no marker after {timeout}s:\n{self.stderr[-3000:]}")
+            time.sleep(poll)
+
+    def killpg(self, sig: int) -> None:
+        """The signal to every process of the group (the scheduler's way)."""
+        os.killpg(self.pgid, sig)
+
+    def killpg_tree(self, sig: int) -> list[int]:
+        """The signal to the group AND to the group of every descendant that left it (torchrun starts each
+        rank in its own session): the "every process of the job" delivery of SLURM or a container stop.
+        Returns the groups signalled."""
+        groups = [self.pgid] + sorted({os.getpgid(p) for p in descendants(self.proc.pid)} - {self.pgid})
+        for g in groups:
+            os.killpg(g, sig)
+        return groups
+
+    def wait(self, timeout: float = 180.0) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"still running {timeout}s after the signal:\n{self.stderr[-3000:]}") from None
+
+    def group_alive(self, grace: float = 10.0) -> bool:
+        """Whether any process of the group is still there after `grace` seconds (workers left behind)."""
+        deadline = time.monotonic() + grace
+        while True:
+            try:
+                os.killpg(self.pgid, 0)
+            except ProcessLookupError:
+                return False
+            if time.monotonic() > deadline:
+                return True
+            time.sleep(0.1)
+
+    def kill(self) -> None:
+        """SIGKILL to the group (cleanup after a failed test)."""
+        try:
+            os.killpg(self.pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+
+def descendants(pid: int) -> list[int]:
+    """All living descendants of pid (from /proc: Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # field 4; the name in () may hold spaces
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def metrics_lines(out_dir: str | Path) -> int:
+    """Lines in out_dir/metrics.jsonl (0 before it exists): the "run is mid-way" marker."""
+    try:
+        return len((Path(out_dir) / "metrics.jsonl").read_text().splitlines())
+    except OSError:
+        return 0

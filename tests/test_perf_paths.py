@@ -1,0 +1,166 @@
+"""The CPU fast paths of issue 11: precision auto, the teacher as bf16 inference, bf16 attention, fused AdamW,
+dist.compile=auto (decision and fallback). Speed itself is measured by `bench/run.py --suite e2e`, never here."""
+import json
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from fdfast import distributed, train
+from fdfast.cli import main
+from fdfast.config import Config
+from fdfast.distributed import DistInfo
+from fdfast.kernels.reference import rpb_attention_reference
+from fdfast.kernels.rpb_attention import rpb_attention
+from test_train import tiny_args
+
+CPU = torch.device("cpu")
+
+
+def tiny_cfg(**sections) -> Config:
+    d = {"model": {"size": "tiny", "patch_size": 16, "img_size": 32, "kwargs": {"depth": 2}},
+         "teacher": {"name": "vit_tiny_patch16_224", "weights": "random", "kwargs": {"depth": 2}},
+         "data": {"loader": "synthetic", "batch_size": 2}, "runtime": {"device": "cpu"}}
+    for k, v in sections.items():
+        d.setdefault(k, {}).update(v)
+    return Config.from_dict(d)
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [(True, False, torch.bfloat16), (False, True, torch.bfloat16),
+                                                        (False, False, None)])
+def test_precision_auto_is_bf16_only_on_cpus_with_native_bf16(monkeypatch, avx512_bf16, amx, expected):
+    monkeypatch.setattr(train, "cpu_flags", lambda: {"capability": "X", "avx512_bf16": avx512_bf16, "amx": amx,
+                                                    "threads": 1})
+    assert train.resolve_precision("auto", CPU) is expected
+    assert train.resolve_precision("fp32", CPU) is None  # one --set away
+    info = train.precision_summary("auto", expected, CPU)
+    assert info["precision"] == ("bf16" if expected else "fp32")
+    assert ("AMX" if amx else "AVX512-BF16" if avx512_bf16 else "no native bf16") in info["why"]
+
+
+def _target_and_casts(distiller, x):
+    """(the target under bf16 autocast, how many dtype casts computing it took)."""
+    with torch.profiler.profile() as prof, torch.autocast("cpu", dtype=torch.bfloat16):
+        target = distiller.target_tokens(x)
+    return target, sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
+
+
+def test_teacher_runs_as_bf16_inference_without_weight_casts():
+    torch.manual_seed(0)
+    parts = train.build_parts(tiny_cfg(), DistInfo(), torch.bfloat16)
+    d = parts.distiller
+    assert {p.dtype for p in d.teacher.parameters()} == {torch.bfloat16}  # stored once in the compute dtype
+    assert {p.dtype for p in d.student.parameters()} == {torch.float32}  # the trained weights stay fp32
+    x = next(parts.loader)
+    target, casts = _target_and_casts(d, x)
+    assert casts <= 3  # the images to bf16 and two 0-dim scalars; no cast of any teacher weight
+    assert target.dtype == torch.bfloat16 and not target.is_inference() and not target.requires_grad
+    fp32 = train.build_parts(tiny_cfg(), DistInfo(), None).distiller
+    fp32.teacher.load_state_dict({k: v.float() for k, v in d.teacher.state_dict().items()})
+    assert _target_and_casts(fp32, x)[1] > 5 * casts  # an fp32 teacher under autocast: its weights every step
+    ref = fp32.target_tokens(x)
+    assert ref.dtype == torch.float32
+    assert (target.float() - ref).abs().max() < 0.05 * ref.abs().max()  # bf16 rounding, not another model
+    d.fd_loss.backend = "reference"  # a loss that saves the target for backward (inference tensors cannot be)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        d(x).backward()
+
+
+def test_bf16_attention_on_the_cpu_matches_the_reference():
+    torch.manual_seed(0)
+    B, H, N, D = 3, 2, 17, 16  # odd token count
+    q, k, v = (torch.randn(B, H, N, D, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    bias = torch.randn(H, N, N, dtype=torch.bfloat16, requires_grad=True)
+    out = rpb_attention(q, k, v, bias)
+    assert out.dtype == torch.bfloat16
+    out.float().square().sum().backward()
+    ins = [t.detach().float().requires_grad_() for t in (q, k, v, bias)]
+    ref = rpb_attention_reference(*ins)
+    ref.square().sum().backward()
+    assert (out.float() - ref).abs().max() < 0.02 * ref.abs().max()
+    for got, want in zip((q.grad, k.grad, v.grad, bias.grad), (t.grad for t in ins)):
+        assert (got.float() - want).abs().max() < 0.03 * want.abs().max()
+    assert rpb_attention(q.float(), k.float(), v.float(), bias.float()).dtype == torch.float32  # fp32: SDPA
+
+
+def test_adamw_is_fused_on_the_cpu_by_default():
+    parts = train.build_parts(tiny_cfg(), DistInfo(), None)
+    assert parts.optimizer.defaults["fused"] is True
+    parts = train.build_parts(tiny_cfg(optim={"fused": "false"}), DistInfo(), None)
+    assert not parts.optimizer.defaults["fused"]
+
+
+class _Steps:
+    """A stand-in step: counts calls; raises once when told to (a compiler error)."""
+
+    def __init__(self, fail_first=False):
+        self.calls, self.fail_first = 0, fail_first
+
+    def __call__(self):
+        self.calls += 1
+        if self.fail_first and self.calls == 1:
+            raise RuntimeError("BackendCompilerFailed: no C++ compiler")
+        return train.StepResult(1.0, 1.0, 2)
+
+
+def _distiller_with_compiled_parts():
+    d = nn.Module()
+    d.student, d.teacher = nn.Linear(2, 2), nn.Linear(2, 2)
+    d.student.compile()
+    return d
+
+
+def test_compile_auto_stays_eager_for_a_short_run(monkeypatch):
+    monkeypatch.setattr(distributed, "compile_distiller", lambda *a, **k: pytest.fail("compiled a short run"))
+    c = train.CompileWhenItPays("auto", nn.Module(), DistInfo(), "none")
+    step = _Steps()
+    for left in (9, 8, 7, 6):
+        c.run(step, steps_left=left)
+    assert step.calls == 4 and c.decision.startswith("eager (7 steps") and c.summary()["compile_s"] is None
+
+
+def test_compile_auto_compiles_a_long_run(monkeypatch):
+    compiled = []
+    monkeypatch.setattr(distributed, "compile_distiller", lambda d, device: compiled.append(d))
+    ticks = iter(range(100))
+    monkeypatch.setattr(train.CompileWhenItPays, "_clock", lambda self: float(next(ticks)))  # 1 s per step
+    d = nn.Module()
+    c = train.CompileWhenItPays("auto", d, DistInfo(), "none")
+    for _ in range(4):
+        c.run(_Steps(), steps_left=10_000)  # 10,000 x 1 s x 2% = 200 s > 60 s
+    assert compiled == [d] and c.decision.startswith("compiled") and c.compile_s is not None
+
+
+def test_a_failing_compile_falls_back_to_eager_with_one_warning():
+    d = _distiller_with_compiled_parts()
+    c = train.CompileWhenItPays("true", d, DistInfo(), "none")
+    step = _Steps(fail_first=True)
+    with pytest.warns(UserWarning, match="compiling failed.*running eager"):
+        result = c.run(step, steps_left=3)
+    assert result.loss == 1.0 and step.calls == 2 and c.decision.startswith("eager (compile failed")
+    assert d.student._compiled_call_impl is None  # back to eager
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        c.run(step, steps_left=2)  # later steps: no second warning
+
+
+def test_default_run_reports_precision_and_compile(tmp_path, teacher_file, image_dir):
+    out = tmp_path / "run"
+    assert main(tiny_args(out, teacher_file, image_dir, 4, "--set", "runtime.precision=auto")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["precision"] == ("bf16" if train.native_bf16(CPU) else "fp32")
+    assert "runtime.precision=fp32" in summary["why"] or summary["precision"] == "fp32"
+    assert summary["compile"]["setting"] == "auto" and summary["compile"]["decision"].startswith("eager")
+    assert summary["compile"]["compile_s"] is None and set(summary["cpu"]) >= {"avx512_bf16", "amx"}
+
+
+@pytest.mark.slow
+def test_compiled_run_trains_and_reports_compile_seconds(tmp_path, teacher_file, image_dir):
+    out = tmp_path / "run"
+    assert main(tiny_args(out, teacher_file, image_dir, 3, "--set", "dist.compile=true",
+                          "--set", "runtime.precision=auto")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["compile"]["decision"] == "compiled before step 1" and summary["compile"]["compile_s"] > 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss"] > 0 for r in rows)

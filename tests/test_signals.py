@@ -1,0 +1,191 @@
+"""Preemption as schedulers send it: SIGTERM / SIGINT to the whole process group commit the current step.
+
+The end-to-end tests start `fdfast train` in its own session and signal its process group mid-run
+(tests/helpers_signals.py): main process, DataLoader workers, DALI's threads, torchrun and every rank all get
+the signal. Each interrupted run must exit 130 with no traceback, leave exactly one COMMITTED checkpoint, at
+the step it reached, and no process behind; `--resume auto` must then end bitwise equal to a run that was
+never interrupted.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fdfast import checkpoint as ckpt
+from fdfast import signals
+from fdfast.config import DataConfig
+from fdfast.data import build_fd_loader, dali_available
+from helpers_signals import GroupRun, metrics_lines
+from test_train import tiny_args
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+STEPS = 14  # long enough that both signals land mid-run, short enough to finish quickly
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+# -- the parts ------------------------------------------------------------------------------------
+def test_first_signal_asks_a_quick_repeat_is_the_same_request_a_later_one_aborts(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(signals.time, "monotonic", lambda: clock[0])
+    before = signal.getsignal(signal.SIGTERM)
+    with signals.StopRequest("test", announce=False) as stop:
+        assert not stop.requested
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.requested and stop.name == "SIGTERM"
+        clock[0] += signals.REPEAT_WINDOW_S / 2  # the group's signal and torchrun's forward of it
+        signal.raise_signal(signal.SIGINT)
+        assert stop.name == "SIGTERM"
+        clock[0] += signals.REPEAT_WINDOW_S
+        with pytest.raises(KeyboardInterrupt, match="second SIGINT"):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is before  # handlers restored
+
+
+def test_all_reduce_step_in_a_world_of_one_passes_through():
+    from fdfast.distributed import DistInfo
+    assert signals.all_reduce_step(1.5, True, DistInfo()) == (1.5, True)
+    assert signals.all_reduce_step(2.0, False, DistInfo()) == (2.0, False)
+
+
+def _loader(image_dir, kind, workers=1):
+    cfg = DataConfig(path=str(image_dir), loader=kind, num_workers=workers)
+    return build_fd_loader(cfg, image_size=32, mean=MEAN, std=STD, batch_size=4, seed=3)
+
+
+def test_torch_loader_workers_ignore_stop_signals(image_dir):
+    """A worker that gets the group's SIGTERM / SIGINT keeps serving: shutdown is the main process's call."""
+    loader = _loader(image_dir, "torch", workers=1)
+    first = next(loader)
+    worker = loader._iter._workers[0]
+    for sig in (signal.SIGTERM, signal.SIGINT):  # from another process, as a scheduler sends them
+        subprocess.run(["kill", f"-{sig.name[3:]}", str(worker.pid)], check=True)
+    time.sleep(0.5)
+    assert worker.is_alive() and worker.exitcode is None
+    more = [next(loader) for _ in range(4)]  # 5 batches: past the 3 of an epoch and the prefetched ones
+    assert torch.equal(first, next(_loader(image_dir, "torch", workers=0)))
+    assert all(b.shape == (4, 3, 32, 32) for b in more)
+    os.kill(worker.pid, signal.SIGTERM)  # the main process's own SIGTERM (DataLoader.terminate()) still ends it
+    worker.join(5)
+    assert worker.exitcode == 0
+    loader.close()
+
+
+@pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed")
+def test_dali_crops_come_from_the_sample_seeds_so_resume_is_exact(image_dir):
+    """Resumed at a saved position, DALI yields bitwise the batches the uninterrupted loader yields next; and
+    its crop windows are the torch loader's (same seeds), so the two loaders' batches nearly agree."""
+    a = _loader(image_dir, "dali")
+    for _ in range(2):
+        next(a)
+    state = a.state_dict()
+    expected = [next(a) for _ in range(3)]
+    b = _loader(image_dir, "dali")
+    b.load_state_dict(state)
+    assert all(torch.equal(next(b), e) for e in expected)
+    t = _loader(image_dir, "torch", workers=0)
+    t.load_state_dict(state)
+    for e in expected:  # same windows and flips; only the resize implementations differ (normalised units)
+        assert (next(t) - e).abs().mean() < 0.1
+
+
+# -- end to end: `fdfast train` in its own session, signals to the whole group --------------------------
+def _train_argv(out, teacher_file, image_dir, loader, *extra):
+    return [sys.executable, "-m", "fdfast"] + tiny_args(
+        out, teacher_file, image_dir, STEPS, "--set", f"data.loader={loader}", "--set", "data.num_workers=1",
+        "--set", "ckpt.every=0", *extra)
+
+
+def _interrupt(argv, out, sig, after_lines, log_dir, group=GroupRun.killpg, env=None):
+    """Start argv in its own session, signal its group once metrics.jsonl has after_lines lines; the step
+    committed. Checks the exit code, the one-line ending and that no process of the group is left."""
+    run = GroupRun(argv, log_dir, env)
+    try:
+        run.wait_for(lambda: metrics_lines(out) >= after_lines)
+        group(run, sig)
+        rc = run.wait()
+    finally:
+        if run.proc.poll() is None:
+            run.kill()
+    err = run.stderr
+    assert rc == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert not run.group_alive(), "a worker outlived the run"
+    committed = [s for s, _ in ckpt.committed_steps(out)]
+    logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert committed and committed[-1] == logged[-1] >= after_lines  # the step reached, nothing after it
+    assert f"stopped by {signal.Signals(sig).name} after step {committed[-1]} (committed)" in err
+    return committed[-1]
+
+
+def _same_student(a, b):
+    assert (a / "student.safetensors").read_bytes() == (b / "student.safetensors").read_bytes()
+
+
+def _run(argv, **kw):
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, **kw)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("loader", ["torch", pytest.param("dali", marks=[pytest.mark.slow, pytest.mark.skipif(
+    not dali_available(), reason="nvidia-dali not installed")])])
+def test_group_sigterm_then_sigint_commit_and_resume_bitwise(tmp_path, teacher_file, image_dir, loader):
+    """SIGTERM to the group, resume, SIGINT to the group, resume: the student equals an unbroken run's."""
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    _run(_train_argv(ref, teacher_file, image_dir, loader))
+    first = _interrupt(_train_argv(cut, teacher_file, image_dir, loader), cut, signal.SIGTERM, 3, tmp_path / "l1")
+    assert [s for s, _ in ckpt.committed_steps(cut)] == [first]
+    resume = _train_argv(cut, teacher_file, image_dir, loader, "--resume", "auto")
+    second = _interrupt(resume, cut, signal.SIGINT, first + 3, tmp_path / "l2")
+    assert second > first and second < STEPS
+    _run(resume)
+    _same_student(ref, cut)
+
+
+def _torchrun_argv(launcher, out, teacher_file, image_dir, *extra):
+    argv = _train_argv(out, teacher_file, image_dir, "torch", "--set", "model.drop_path=0", *extra)
+    argv[argv.index("--batch-size") + 1] = "2"  # 2 ranks x 2: the global batch of 4
+    return [sys.executable, "-m", launcher, "--nproc_per_node", "2", "--standalone"] + argv[1:]
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_stop_after_the_same_step_and_resume_bitwise(tmp_path, teacher_file, image_dir):
+    """Two gloo ranks, each with a DataLoader worker. SIGTERM to every process of the job (torchrun's group and
+    each rank's own session: every rank gets it twice, directly and forwarded), then SIGINT to torchrun's
+    group only: both times the ranks agree on the step, it is committed once, the launcher exits 130."""
+    one_thread = {"OMP_NUM_THREADS": "1"}
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    _run(_torchrun_argv("torch.distributed.run", ref, teacher_file, image_dir), env={**os.environ, **one_thread})
+    first = _interrupt(_torchrun_argv("fdfast.launch", cut, teacher_file, image_dir), cut, signal.SIGTERM, 3,
+                       tmp_path / "l1", group=GroupRun.killpg_tree, env=one_thread)
+    assert [s for s, _ in ckpt.committed_steps(cut)] == [first]
+    resume = _torchrun_argv("fdfast.launch", cut, teacher_file, image_dir, "--resume", "auto")
+    second = _interrupt(resume, cut, signal.SIGINT, first + 3, tmp_path / "l2", env=one_thread)
+    assert first < second < STEPS
+    _run(resume, env={**os.environ, **one_thread})
+    _same_student(ref, cut)
+
+
+@pytest.mark.slow
+def test_plain_torchrun_commits_too_but_ends_with_its_own_code(tmp_path, teacher_file, image_dir):
+    """What torchrun itself does with a group SIGTERM: it forwards it to each rank's group, the ranks commit
+    the same step and exit 130, then torchrun re-raises the signal: exit 1 and a SignalException traceback
+    (torch's code; `python -m fdfast.launch` turns that into exit 130)."""
+    out = tmp_path / "run"
+    run = GroupRun(_torchrun_argv("torch.distributed.run", out, teacher_file, image_dir), tmp_path / "log",
+                   env={"OMP_NUM_THREADS": "1"})
+    try:
+        run.wait_for(lambda: metrics_lines(out) >= 3)
+        run.killpg(signal.SIGTERM)
+        rc = run.wait()
+    finally:
+        if run.proc.poll() is None:
+            run.kill()
+    (step, _), = ckpt.committed_steps(out)
+    assert rc == 1 and "SignalException" in run.stderr
+    assert run.stderr.count(f"stopped by SIGTERM after step {step} (committed)") == 2  # both ranks, one step
