@@ -118,8 +118,26 @@ class RuntimeConfig:
     tensorboard: bool = True
 
 
+class ConfigTree:
+    """YAML / plain-dict round trip of a dataclass tree; a subclass says how it is checked (``checked``)."""
+
+    def to_dict(self) -> dict:
+        return _to_plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """A checked tree from plain data (a recipe, a saved config.yaml, --set overrides)."""
+        return _build(cls, d, prefix="").checked()
+
+    def checked(self):
+        raise NotImplementedError
+
+
 @dataclass
-class Config:
+class Config(ConfigTree):
     recipe: str = "demo"
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -130,16 +148,8 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
-    def to_dict(self) -> dict:
-        return _to_plain(dataclasses.asdict(self))
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Config":
-        """A checked Config from plain data (a recipe, a saved config.yaml, --set overrides)."""
-        return validate(_build(cls, d, prefix=""))
+    def checked(self) -> "Config":
+        return validate(self)
 
 
 def validate(cfg: Config) -> Config:
@@ -338,3 +348,22 @@ def load_config(recipe: str = "demo", overrides: dict[str, Any] | None = None) -
                           f"or train with an FD recipe, one of {recipe_names()}")
     d = apply_overrides(load_recipe(recipe), overrides or {})
     return Config.from_dict(d)
+
+
+def config_from_cli(args, flag_keys: dict, tree: type, load, default_out: str):
+    """(checked config, run dir) of a command line: recipe + flags + --set; a resumed run continues with its
+    saved config.yaml (+ the explicit overrides). ``flag_keys`` maps argparse dests to config keys."""
+    overrides = dict(parse_override(s) for s in args.set)
+    overrides.update({key: getattr(args, flag) for flag, key in flag_keys.items() if getattr(args, flag) is not None})
+    out = Path(args.out or default_out)
+    saved = out / "config.yaml"
+    if args.resume and saved.is_file():
+        return tree.from_dict(apply_overrides(read_yaml(saved, "the run's saved config"), overrides)), out
+    return load(args.recipe, overrides), out
+
+
+def add_run_arguments(p) -> None:
+    """The flags every run command shares (--device, --resume, --set), added to an argparse parser."""
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--resume", help="'auto' (newest committed checkpoint in --out) or a checkpoint path")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")

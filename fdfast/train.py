@@ -27,7 +27,7 @@ from torch import nn
 
 from fdfast import checkpoint as ckpt
 from fdfast import distributed, signals
-from fdfast.config import Config, apply_overrides, load_config, parse_override, read_yaml, validate
+from fdfast.config import Config, add_run_arguments, config_from_cli, load_config, validate
 from fdfast.data import build_fd_loader, write_summary
 from fdfast.errors import FDFastError
 from fdfast.io import run_dir_lock
@@ -521,25 +521,12 @@ def register(subparsers) -> None:
     p.add_argument("--teacher", help="teacher registry name or timm model name")
     p.add_argument("--teacher-weights", help="local teacher weights file")
     p.add_argument("--batch-size", type=int, help="images per device per micro-step")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--resume", help="'auto' (newest committed checkpoint in --out) or a checkpoint path")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    add_run_arguments(p)
     p.set_defaults(func=run_cli)
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[Config, Path]:
-    overrides = dict(parse_override(s) for s in args.set)
-    for flag, key in FLAG_KEYS.items():
-        value = getattr(args, flag)
-        if value is not None:
-            overrides[key] = value
-    out = Path(args.out or f"runs/{Path(args.recipe).stem}")
-    saved = out / "config.yaml"
-    if args.resume and saved.is_file():  # continue the run as it was configured (+ explicit overrides)
-        cfg = Config.from_dict(apply_overrides(read_yaml(saved, "the run's saved config"), overrides))
-    else:
-        cfg = load_config(args.recipe, overrides)
-    return cfg, out
+    return config_from_cli(args, FLAG_KEYS, Config, load_config, f"runs/{Path(args.recipe).stem}")
 
 
 def run_cli(args: argparse.Namespace) -> int:

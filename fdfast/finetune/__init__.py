@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fdfast.config import add_run_arguments, config_from_cli
 from fdfast.finetune.config import FinetuneConfig, load_finetune_config
 from fdfast.finetune.loop import finetune
 
@@ -36,24 +37,12 @@ def register(subparsers) -> None:
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--img-size", type=int, help="input size (default: the model's own)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--resume", help="'auto' (newest committed checkpoint in --out) or a checkpoint path")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    add_run_arguments(p)
     p.set_defaults(func=run_cli)
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[FinetuneConfig, Path]:
-    import yaml
-    from fdfast.config import apply_overrides, parse_override
-    overrides = dict(parse_override(s) for s in args.set)
-    for flag, key in FLAG_KEYS.items():
-        if getattr(args, flag) is not None:
-            overrides[key] = getattr(args, flag)
-    out = Path(args.out or f"runs/ft-{Path(args.recipe).stem}")
-    saved = out / "config.yaml"
-    if args.resume and saved.is_file():  # continue the run as it was configured (+ explicit overrides)
-        return FinetuneConfig.from_dict(apply_overrides(yaml.safe_load(saved.read_text()), overrides)), out
-    return load_finetune_config(args.recipe, overrides), out
+    return config_from_cli(args, FLAG_KEYS, FinetuneConfig, load_finetune_config, f"runs/ft-{Path(args.recipe).stem}")
 
 
 def run_cli(args: argparse.Namespace) -> int:

@@ -6,13 +6,11 @@ fine-tuning recipe; the per-teacher values (epochs, lr, layer decay, drop path) 
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import yaml
 
-from fdfast.config import _build, apply_overrides, check_choices, load_recipe
+from fdfast.config import ConfigTree, apply_overrides, check_choices, load_recipe
 from fdfast.errors import FDFastError
 
 AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"  # RandAugment, magnitude 9, magnitude std 0.5, increasing ops (METHOD.md)
@@ -81,7 +79,7 @@ class FTRuntimeConfig:
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(ConfigTree):
     recipe: str = "ft_demo"
     model: FTModelConfig = field(default_factory=FTModelConfig)
     data: FTDataConfig = field(default_factory=FTDataConfig)
@@ -89,23 +87,8 @@ class FinetuneConfig:
     ckpt: FTCkptConfig = field(default_factory=FTCkptConfig)
     runtime: FTRuntimeConfig = field(default_factory=FTRuntimeConfig)
 
-    def to_dict(self) -> dict:
-        return _plain(dataclasses.asdict(self))
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "FinetuneConfig":
-        return validate(_build(cls, d, prefix=""))
-
-
-def _plain(x):
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return x
+    def checked(self) -> "FinetuneConfig":
+        return validate(self)
 
 
 def validate(cfg: FinetuneConfig) -> FinetuneConfig:
