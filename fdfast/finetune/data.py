@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fdfast.data.files import EpochOrder, FileList, list_images
+from fdfast.data.files import EpochOrder, FileList, list_images, load_rgb
 from fdfast.errors import FDFastError
 
 LABELLED_SOURCE = "demo-labelled"  # data source of the demo plugin: ImageFolder with train/ and val/
@@ -134,11 +134,9 @@ class LabelledImages(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         index, seed = item if isinstance(item, tuple) else (item, 0)
-        from PIL import Image
         path = self.files.paths[index]
         try:
-            with Image.open(path) as im:
-                img = im.convert("RGB")
+            img = load_rgb(path)  # the decode every fdfast reader shares (16-bit grey scaled, not clipped)
         except OSError as e:
             raise FDFastError(f"cannot read image {path}: {e}; remove it from the data folder") from None
         with seeded(int(seed)):
