@@ -189,14 +189,6 @@ def all_gather_object(obj, info: DistInfo) -> list:
     return out
 
 
-def all_reduce_mean(value: float, info: DistInfo) -> float:
-    if info.world_size == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=info.device)
-    dist.all_reduce(t)
-    return t.item() / info.world_size
-
-
 def shutdown() -> None:
     """Leave the process group together: a rank that tears gloo down while rank 0 still writes the final
     files aborts ("terminate called without an active exception")."""
