@@ -25,7 +25,7 @@ from test_train import tiny_args
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-STEPS = 14  # long enough that both signals land mid-run, short enough to finish quickly
+STEPS = 120  # enough steps after the trigger that a signal lands mid-run even on a quiet, fast machine (~3 ms a step)
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
 
