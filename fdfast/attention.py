@@ -27,6 +27,7 @@ from timm.models.swin_transformer_v2 import WindowAttention as SwinV2WindowAtten
 from torch import nn
 
 from fdfast.functional import rpb_attention
+from fdfast.kernels.cpu_linear import linear
 from fdfast.kernels.rpb_attention import BACKENDS
 
 
@@ -64,7 +65,7 @@ def _split_heads(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torc
         if getattr(module, "qkv_bias_separate", False):
             qkv = module.qkv(x) + qkv_bias
         else:
-            qkv = F.linear(x, weight=module.qkv.weight, bias=qkv_bias)
+            qkv = linear(x, module.qkv.weight, qkv_bias)  # F.linear, or packed bf16 on the CPU
     return qkv.reshape(B, N, 3, module.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
 
 

@@ -25,8 +25,9 @@ store an N x N matrix per batch element:
 
 Backends: "triton" (CUDA, or CPU tensors under TRITON_INTERPRET=1), "reference" (the fp32 specification
 in ``reference.py``), "sdpa" (PyTorch SDPA with the bias as a float mask), and "auto": Triton on CUDA
-when there is a bias or mask and D <= 128 (plain attention goes to SDPA's flash kernel), SDPA on the CPU
-(the fastest correct CPU path; it also learns the bias). Under torch.compile the Triton path is a graph break.
+when there is a bias or mask and D <= 128 (plain attention goes to SDPA's flash kernel); on the CPU in bf16 /
+fp16 ``_cpu_low_precision_attention`` (bmm-based, logits and softmax in fp32, the rest in the input dtype);
+SDPA on the CPU in fp32. Under torch.compile the Triton path is a graph break.
 """
 from __future__ import annotations
 
@@ -541,26 +542,65 @@ def _sdpa(q, k, v, bias, mask, scale):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
 
 
-def _bmm_attention(q, k, v, bias, mask, scale):
-    """The same math as three ATen ops in the inputs' dtype: "auto" on the CPU for bf16 / fp16. There SDPA's flash
-    kernel is 2-3x slower at ViT token counts (65-197), and with a bias that needs a gradient SDPA falls back to
-    its math path in fp32 (measured, 1 core, bf16: forward+backward [32,3,65,64] 9.7 -> 4.0 ms, [16,3,197,64]
-    29 -> 10 ms; teacher forward [32,6,65,64] 5.5 -> 2.5 ms). bmm and softmax accumulate in fp32."""
-    B, H, N, D = q.shape
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    qf, kf, vf = q.reshape(B * H, N, D), k.reshape(B * H, N, D), v.reshape(B * H, N, D)
-    extra = None
+def _heads_first(t: torch.Tensor) -> torch.Tensor:
+    """[B, H, N, D] (any strides) -> [B*H, N, D] for bmm (a copy only when the view can't be flattened)."""
+    return t.reshape(-1, t.shape[-2], t.shape[-1])
+
+
+def _add_extra(logits: torch.Tensor, bias, mask) -> torch.Tensor:
+    """logits [B, H, N, N] += bias [H, N, N] (+ mask [W, N, N] per window), in place, in logits' dtype."""
+    B, H, N, _ = logits.shape
     if bias is not None:
-        extra = bias.to(q.dtype).unsqueeze(0)  # [1, H, N, N]
+        logits.add_(bias.to(logits.dtype))
     if mask is not None:
         W = mask.shape[0]
-        m = mask.to(q.dtype).view(1, W, 1, N, N).expand(B // W, W, 1, N, N).reshape(B, 1, N, N)
-        extra = m if extra is None else extra + m
-    if extra is None:
-        logits = torch.bmm(qf, kf.transpose(1, 2)).mul_(scale)
-    else:  # the bias is added inside the GEMM; its gradient sums over the batch (expand's backward)
-        logits = torch.baddbmm(extra.expand(B, H, N, N).reshape(B * H, N, N), qf, kf.transpose(1, 2), alpha=scale)
-    return torch.bmm(logits.softmax(-1), vf).view(B, H, N, D)
+        logits.view(B // W, W, H, N, N).add_(mask.to(logits.dtype).unsqueeze(1))
+    return logits
+
+
+class _CpuLowPrecisionAttention(torch.autograd.Function):
+    """softmax(q k^T * scale + bias + mask) v for bf16 / fp16 CPU tensors. Forward: the logits and the softmax in
+    fp32 (q and k upcast for that one GEMM: bmm's only output dtype for bf16 inputs is bf16, and logits of a
+    trained student (max |logit| 11-25) rounded to bf16 put 10-20% errors into the output), P rounded once for
+    P V and saved. Backward in the input dtype, as autograd runs the three-op form: dV = P^T dO, dP = dO V^T,
+    dS = P (dP - rowsum(dP P)) (fp32 inside), dQ = dS K * scale, dK = dS^T Q * scale, dbias = dS summed over
+    the batch (fp32 accumulation)."""
+
+    @staticmethod
+    @torch.autocast("cpu", enabled=False)  # autocast would run the fp32 logits GEMM in bf16
+    def forward(ctx, q, k, v, bias, mask, scale):
+        B, H, N, D = q.shape
+        logits = torch.bmm(_heads_first(q).float(), _heads_first(k).float().transpose(1, 2))
+        p = _add_extra(logits.mul_(scale).view(B, H, N, N), bias, mask).softmax(-1).to(q.dtype)
+        ctx.save_for_backward(q, k, v, p)
+        ctx.scale, ctx.bias_dtype = scale, (bias.dtype if bias is not None else None)
+        return torch.bmm(_heads_first(p), _heads_first(v)).view(B, H, N, D)
+
+    @staticmethod
+    @torch.autocast("cpu", enabled=False)
+    def backward(ctx, dout):
+        q, k, v, p = ctx.saved_tensors
+        B, H, N, D = q.shape
+        g = _heads_first(dout.to(q.dtype))
+        p3 = _heads_first(p)
+        dv = torch.bmm(p3.transpose(1, 2), g).view(B, H, N, D) if ctx.needs_input_grad[2] else None
+        dp = torch.bmm(g, _heads_first(v).transpose(1, 2))
+        ds = torch._softmax_backward_data(dp, p3, -1, q.dtype)  # P (dP - rowsum(dP P))
+        dbias = ds.view(B, H, N, N).sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[3] else None
+        dq = torch.bmm(ds, _heads_first(k)).mul_(ctx.scale).view(B, H, N, D) if ctx.needs_input_grad[0] else None
+        dk = (torch.bmm(ds.transpose(1, 2), _heads_first(q)).mul_(ctx.scale).view(B, H, N, D)
+              if ctx.needs_input_grad[1] else None)
+        return dq, dk, dv, dbias, None, None
+
+
+def _cpu_low_precision_attention(q, k, v, bias, mask, scale):
+    """"auto" on the CPU for bf16 / fp16 (``_CpuLowPrecisionAttention``). Measured on 2 AVX512-BF16 cores: SDPA's
+    CPU flash kernel is 2-3x slower at ViT token counts (65-197), and with a bias that needs a gradient SDPA
+    falls back to its math path in fp32 (forward+backward [32,3,65,64] 9.7 -> 4.0 ms, [16,3,197,64] 29 -> 10 ms,
+    1 core, bf16 logits). The fp32 logits cost the demo student's forward + backward ~6% against bf16 logits
+    (interleaved A/B, 158 -> 168 ms); fp32 in the backward too would cost ~9% more."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _CpuLowPrecisionAttention.apply(q, k, v, bias, mask, scale)
 
 
 def rpb_attention_triton(q, k, v, bias=None, mask=None, scale=None, block_m=None, block_n=None, num_chunks=None):
@@ -603,7 +643,7 @@ def rpb_attention(q, k, v, bias=None, mask=None, scale=None, backend="auto"):
         backend = "triton" if (q.device.type == "cuda" and triton is not None and has_extra and fits) else "sdpa"
         if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
             check_rpb_inputs(q, k, v, bias, mask)
-            return _bmm_attention(q, k, v, bias, mask, scale)
+            return _cpu_low_precision_attention(q, k, v, bias, mask, scale)
     if backend == "triton":
         return rpb_attention_triton(q, k, v, bias, mask, scale)
     check_rpb_inputs(q, k, v, bias, mask)
