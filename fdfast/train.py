@@ -84,11 +84,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, sc
 # ----------------------------------------------------------------------------- parts
 def cpu_flags() -> dict:
     """What this CPU offers for bf16 math, as torch sees it (for the precision choice, summary.json, benches)."""
-    def probe(name: str) -> bool:  # torch's CPU feature checks (private helpers; absent in old releases)
-        fn = getattr(torch.cpu, name, None)
-        return bool(fn()) if fn is not None else False
-    return {"capability": torch.backends.cpu.get_cpu_capability(), "avx512_bf16": probe("_is_avx512_bf16_supported"),
-            "amx": probe("_is_amx_tile_supported"), "threads": torch.get_num_threads()}
+    from fdfast.kernels.utils import cpu_bf16_features
+    return {"capability": torch.backends.cpu.get_cpu_capability(), **cpu_bf16_features(),
+            "threads": torch.get_num_threads()}
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -143,8 +141,7 @@ def build_distiller(cfg: Config, device: torch.device) -> FeatureDistiller:
     fuse_residuals(student)  # layer scale + drop path + residual add as one op per branch (same math, same RNG)
     if any(type(m) in FAST_ATTENTION for m in teacher.modules()):  # the teacher's timm attention, when fdfast has it
         patch_model(teacher)  # auto: on the CPU in bf16 2x faster than SDPA's flash kernel at 65-197 tokens
-    if device.type == "cpu":  # bf16 linears on weights packed once per version (F.linear wherever that can't run)
-        pack_linears(student)
+    if device.type == "cpu":  # the frozen teacher's bf16 linears on weights packed once (F.linear where that can't run)
         pack_linears(teacher)
     return FeatureDistiller(student, teacher, cfg.loss, cfg.teacher.align).to(device)
 

@@ -28,6 +28,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from .utils import autocast_dtype, cpu_bf16_features
+
 _PACK_ROWS_HINT = 2048  # oneDNN's layout hint (rows of x); the packed weight serves any row count
 ENABLED = True  # False: every call is F.linear (A/B measurements in bench/, debugging)
 
@@ -35,9 +37,9 @@ ENABLED = True  # False: every call is F.linear (A/B measurements in bench/, deb
 @functools.lru_cache(maxsize=1)
 def _ops_present() -> bool:
     """oneDNN's packed-linear ops exist, bf16 runs natively here, and a probe matches F.linear."""
-    ops = getattr(torch.ops, "mkldnn", None)
     try:
-        if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        ops = torch.ops.mkldnn
+        if not (torch.backends.mkldnn.is_available() and ops._is_mkldnn_bf16_supported()):
             return False
         x = torch.linspace(-1, 1, 3 * 8).reshape(3, 8).bfloat16()
         w = torch.linspace(-1, 1, 5 * 8).reshape(5, 8).bfloat16()
@@ -47,23 +49,16 @@ def _ops_present() -> bool:
     return bool(torch.allclose(y.float(), F.linear(x.float(), w.float()), atol=2e-2, rtol=2e-2))
 
 
-def native_bf16_cpu() -> bool:
-    """This CPU runs bf16 GEMMs natively (AVX512-BF16 or AMX), as torch's own checks see it."""
-    probe = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(bool(p()) for p in probe if p is not None)
-
-
 @functools.lru_cache(maxsize=1)
 def packed_linear_available() -> bool:
-    """Packed bf16 linears can run on this machine (oneDNN ops present, native bf16 CPU)."""
-    return native_bf16_cpu() and _ops_present()
+    """Packed bf16 linears can run on this machine (native bf16 CPU: AVX512-BF16 or AMX; oneDNN ops present)."""
+    return any(cpu_bf16_features().values()) and _ops_present()
 
 
-def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
-    """bf16 when ``F.linear(x, weight)`` would compute in bf16 on the CPU here (autocast bf16, or bf16 inputs)."""
-    if torch.is_autocast_enabled("cpu"):
-        return torch.bfloat16 if torch.get_autocast_dtype("cpu") == torch.bfloat16 else None
-    return torch.bfloat16 if x.dtype == weight.dtype == torch.bfloat16 else None
+def _bf16_math(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """``F.linear(x, weight)`` computes in bf16 on the CPU here (autocast bf16, or bf16 inputs)."""
+    amp = autocast_dtype("cpu")
+    return amp == torch.bfloat16 if amp is not None else x.dtype == weight.dtype == torch.bfloat16
 
 
 def packed_linear_usable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
@@ -74,7 +69,7 @@ def packed_linear_usable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
             and not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
             and x.layout == torch.strided and weight.dim() == 2 and x.shape[-1] == weight.shape[1]
             and x.dtype in (torch.float32, torch.bfloat16) and weight.dtype in (torch.float32, torch.bfloat16)
-            and _compute_dtype(x, weight) is not None
+            and _bf16_math(x, weight)
             and packed_linear_available())
 
 
@@ -106,23 +101,19 @@ def packed_cache_size() -> int:
     return len(_PACKED)
 
 
-def _gelu(y: torch.Tensor, act: str | None) -> torch.Tensor:
-    if act is None:
-        return y
-    if act not in ("gelu", "gelu_tanh"):
-        raise ValueError(f"cpu_linear.linear: act must be None, 'gelu' or 'gelu_tanh', got {act!r}")
-    return F.gelu(y, approximate="tanh" if act == "gelu_tanh" else "none")
+ACTS = {None: ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}  # act -> oneDNN attr, algorithm
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, act: str | None = None
            ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` (then GELU for act "gelu" / "gelu_tanh"), on a packed bf16 weight with
     bias and GELU in the GEMM when ``packed_linear_usable``; elsewhere exactly those torch calls."""
+    if act not in ACTS:
+        raise ValueError(f"cpu_linear.linear: act must be None, 'gelu' or 'gelu_tanh', got {act!r}")
+    attr, algorithm = ACTS[act]
     if not packed_linear_usable(x, weight, bias):
-        return _gelu(F.linear(x, weight, bias), act)
-    if act not in (None, "gelu", "gelu_tanh"):
-        _gelu(x, act)  # raises the error
+        y = F.linear(x, weight, bias)
+        return y if act is None else F.gelu(y, approximate=algorithm)
     with torch.autocast("cpu", enabled=False):
         b = bias.to(torch.bfloat16) if bias is not None else None
-        kind, algorithm = ("none", "") if act is None else ("gelu", "tanh" if act == "gelu_tanh" else "none")
-        return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), _packed(weight), b, kind, [], algorithm)
+        return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), _packed(weight), b, attr, [], algorithm)

@@ -60,6 +60,15 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     return None
 
 
+def cpu_bf16_features() -> dict:
+    """{"avx512_bf16", "amx"}: the CPU's native bf16 units, as torch's own feature checks see them (private
+    helpers, absent in old releases: then False)."""
+    def probe(name: str) -> bool:
+        fn = getattr(torch.cpu, name, None)
+        return bool(fn()) if fn is not None else False
+    return {"avx512_bf16": probe("_is_avx512_bf16_supported"), "amx": probe("_is_amx_tile_supported")}
+
+
 def next_pow2(n: int, minimum: int = 16) -> int:
     """Smallest power of two >= n and >= minimum (tl.arange sizes; tl.dot needs >= 16)."""
     return max(minimum, 1 << max(0, int(n) - 1).bit_length())
