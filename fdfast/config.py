@@ -112,6 +112,7 @@ class DistConfig:
 class RuntimeConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA / CPUs with native bf16
+    malloc: Literal["auto", "default"] = "auto"  # auto: glibc keeps freed memory on CPU runs (fdfast.hostmem)
     seed: int = 0
     log_every: int = 10
     progress: bool = True

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from fdfast import checkpoint as ckpt
-from fdfast import distributed, signals
+from fdfast import distributed, hostmem, signals
 from fdfast.config import Config, add_run_arguments, config_from_cli, load_config, validate
 from fdfast.data import build_fd_loader, write_summary
 from fdfast.errors import FDFastError
@@ -374,6 +374,7 @@ def _train(cfg: Config, out_dir: Path, resume: str | None, lock: contextlib.Exit
     info = distributed.init_distributed(cfg.runtime.device)
     amp_dtype = resolve_precision(cfg.runtime.precision, info.device)
     precision = precision_summary(cfg.runtime.precision, amp_dtype, info.device)
+    malloc = hostmem.configure(cfg.runtime.malloc, info.device)  # before the parts allocate
     locked = info.is_main and out_dir.is_dir()  # an existing run: a second process stops here, before any work
     if locked:
         lock.enter_context(run_dir_lock(out_dir, "fdfast train"))
@@ -454,7 +455,7 @@ def _train(cfg: Config, out_dir: Path, resume: str | None, lock: contextlib.Exit
         student_state, _ = ckpt.split_trainable(final_tensors)
         ckpt.save_student(out_dir, student_state, _model_meta(cfg))  # + its size / CRC record (DIR/COMMITTED)
         summary = write_summary(out_dir, p.loader, o.steps - start_step, wall, final_loss=last_loss,
-                                **precision, compile=compiler.summary())
+                                **precision, compile=compiler.summary(), malloc=malloc)
     else:
         summary = dict(p.loader.stats(), steps=o.steps - start_step, wall_s=wall, img_per_s=None)
     p.loader.close()

@@ -93,6 +93,28 @@ def test_bf16_attention_on_the_cpu_matches_the_reference():
 CPU_ATTN_TOL = {1.0: (1.6e-2, 3e-2), 8.0: (1.6e-2, 3e-2)}
 
 
+def test_cpu_attention_logits_on_bf16_units_are_the_fp32_products():
+    """The bf16 CPU path computes q k^T from the upcast bf16 values in oneDNN's bf16 math mode: the same products
+    and fp32 sums as an fp32 GEMM (bf16 values are exact in bf16), and the process-wide setting is restored."""
+    from fdfast.kernels.rpb_attention import _exact_bf16_products, _native_bf16_cpu
+    torch.manual_seed(0)
+    q, k = (torch.randn(6, 65, 64).bfloat16().float() * 4 for _ in range(2))
+    exact = torch.bmm(q.double(), k.double().transpose(1, 2))
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    with _exact_bf16_products(torch.bfloat16):
+        inside = torch.backends.mkldnn.matmul.fp32_precision
+        logits = torch.bmm(q, k.transpose(1, 2))
+    assert inside == ("bf16" if _native_bf16_cpu() else before)
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
+    assert logits.dtype == torch.float32
+    assert ((logits.double() - exact).abs().max() / exact.abs().max()).item() < 1e-6  # fp32 accumulation only
+    with _exact_bf16_products(torch.float16):  # fp16 values are not exact in bf16: full fp32 math
+        assert torch.backends.mkldnn.matmul.fp32_precision == before
+    with pytest.raises(RuntimeError), _exact_bf16_products(torch.bfloat16):
+        torch.bmm(q, k)  # wrong shapes: the setting is restored on the way out of an error too
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
+
+
 @pytest.mark.parametrize("B,H,N,D,W", [(1, 3, 197, 64, 0), (4, 2, 49, 32, 2), (3, 1, 65, 16, 0)],
                          ids=["vit-197-batch1", "swin-window-mask", "demo-65"])
 @pytest.mark.parametrize("logit_std", sorted(CPU_ATTN_TOL))
@@ -193,6 +215,7 @@ def test_default_run_reports_precision_and_compile(tmp_path, teacher_file, image
     assert "runtime.precision=fp32" in summary["why"] or summary["precision"] == "fp32"
     assert summary["compile"]["setting"] == "auto" and summary["compile"]["decision"].startswith("eager")
     assert summary["compile"]["compile_s"] is None and set(summary["cpu"]) >= {"avx512_bf16", "amx"}
+    assert summary["malloc"]["setting"] == "auto" and summary["malloc"]["why"]  # fdfast.hostmem, tests/test_hostmem.py
 
 
 @pytest.mark.slow

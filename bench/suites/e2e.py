@@ -3,24 +3,33 @@
 CPU (issue 11): fdfast with its DEFAULTS against honest plain-PyTorch baselines written here without any fdfast
 code -- a timm teacher, a timm Beit student with one shared relative position bias, ``F.layer_norm`` +
 ``F.smooth_l1_loss`` on a linear projection, ``torch.optim.AdamW`` -- in four settings (eager / compiled x fp32 /
-bf16 autocast). All providers run in one process and are timed interleaved (one step of each per round), so
-a machine shared with other work slows them alike; the table gives the median step and the ratio to the best
-baseline. fdfast decides its precision and compilation as ``fdfast train`` does for a run of RUN_STEPS steps.
+bf16 autocast). fdfast decides its precision and compilation as ``fdfast train`` does for a run of RUN_STEPS
+steps, and sets up its process as ``fdfast train`` does (``runtime.malloc``: glibc keeps freed memory).
+
+Process-wide settings must not leak from one provider to another, so each group runs in its own process,
+started fresh: the four baselines (glibc's default malloc, as a plain user has it; the process never imports
+fdfast), fdfast, and one reference baseline -- "timm compiled bf16" with the same malloc settings fdfast makes,
+given the plain way (``GLIBC_TUNABLES``) -- that shows how much of fdfast's lead the allocator alone explains.
+The parent still times them interleaved (one step of each provider per round, in turn; the others wait on a
+pipe), so a machine shared with other work slows them alike; the table gives the median step, the ratio to the
+best of the four baselines, and the ratio to the reference.
 
 CUDA (issue 12): "reference" (plain-PyTorch attention and loss) vs "fdfast" (Triton kernels), same models.
 """
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
+import os
 import statistics
 import time
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from fdfast.config import Config
-from fdfast.distributed import DistInfo
-from fdfast.train import build_parts
+if TYPE_CHECKING:
+    from fdfast.config import Config
 
 # (name, teacher timm name, img, student size, patch, batch)
 SHAPES_CPU = [("demo: dinov2-s/14 -> vit-ti/14 @112", "vit_small_patch14_dinov2", 112, "tiny", 14, 32),
@@ -31,6 +40,9 @@ RUN_STEPS = 300  # the run length fdfast's auto settings plan for (the demo's)
 STUDENT_WIDTH = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}  # (width, heads), depth 12
 BASELINES = [(f"timm {'compiled' if c else 'eager'} {'bf16' if b else 'fp32'}", c, b)
              for c in (False, True) for b in (False, True)]
+# the reference: the best plain setting with fdfast's malloc settings (fdfast.hostmem), set as a user would
+TUNED = "timm compiled bf16 + GLIBC_TUNABLES malloc"
+TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824"
 
 
 # ----------------------------------------------------------------------------- plain timm (no fdfast code)
@@ -77,7 +89,10 @@ class FdfastDefault:
     fused AdamW): the same parts and the same step function, on fdfast's synthetic loader of the same shape."""
 
     def __init__(self, teacher_name: str, img: int, size: str, patch: int, batch: int, device: str):
-        from fdfast.train import CompileWhenItPays, resolve_precision
+        from fdfast import hostmem
+        from fdfast.config import Config
+        from fdfast.distributed import DistInfo
+        from fdfast.train import CompileWhenItPays, build_parts, resolve_precision
         cfg = Config.from_dict({
             "model": {"size": size, "patch_size": patch, "img_size": img},
             "teacher": {"name": teacher_name, "weights": "random"},
@@ -85,6 +100,7 @@ class FdfastDefault:
             "optim": {"steps": RUN_STEPS}, "runtime": {"device": device, "progress": False}})
         self.cfg, self.info = cfg, DistInfo(device=torch.device(device))
         self.amp = resolve_precision(cfg.runtime.precision, self.info.device)
+        self.malloc = hostmem.configure(cfg.runtime.malloc, self.info.device)
         self.parts = build_parts(cfg, self.info, self.amp)
         self.parts.distiller.train()
         self.compiler = CompileWhenItPays(cfg.dist.compile, self.parts.distiller, self.info, cfg.dist.strategy)
@@ -107,56 +123,108 @@ class FdfastDefault:
 
     def settings(self) -> dict:
         return {"precision": str(self.amp), "compile": self.compiler.summary(), "fused_adamw":
-                bool(self.parts.optimizer.defaults.get("fused"))}
+                bool(self.parts.optimizer.defaults.get("fused")), "malloc": self.malloc}
 
     def close(self) -> None:
         self.parts.loader.close()
 
 
-def time_interleaved(steps: dict, x, repeats: int, warmup: int) -> tuple[dict, dict]:
-    """({name: [wall s per step]}, {name: [process CPU s per step]}): one step of each provider per round,
-    warm-up rounds dropped. CPU seconds stay meaningful on a machine shared with other work (1 thread)."""
-    wall, cpu = {name: [] for name in steps}, {name: [] for name in steps}
-    for i in range(warmup + repeats):
-        for name, step in steps.items():
-            t0, c0 = time.perf_counter(), time.process_time()
-            step(x)
-            if i >= warmup:
-                wall[name].append(time.perf_counter() - t0)
-                cpu[name].append(time.process_time() - c0)
-    return wall, cpu
+def _providers(group: str, shape: tuple) -> tuple[dict, dict, dict | None]:
+    """({name: step(x)}, {name: setup seconds}, fdfast's settings or None) of one process's group."""
+    name, teacher, img, size, patch, batch = shape
+    steps, setup, settings = {}, {}, None
+    if group == "fdfast":
+        t0 = time.perf_counter()
+        fdfast = FdfastDefault(teacher, img, size, patch, batch, "cpu")
+        fdfast.warm_up()  # auto-compile's timed eager steps (and its compile, when it decides so)
+        steps["fdfast default"], setup["fdfast default"], settings = fdfast, time.perf_counter() - t0, fdfast.settings()
+        return steps, setup, settings
+    chosen = BASELINES if group == "timm" else [(TUNED, True, True)]
+    for label, compiled, bf16 in chosen:
+        t0 = time.perf_counter()
+        steps[label] = plain_step(teacher, img, size, patch, compiled, bf16)
+        steps[label](torch.randn(batch, 3, img, img))  # the first call compiles
+        setup[label] = time.perf_counter() - t0
+    return steps, setup, settings
+
+
+def _worker(conn, group: str, shape: tuple) -> None:
+    """One provider group in its own process: build, report ready, then time one step per request."""
+    torch.manual_seed(0)
+    x = torch.randn(shape[-1], 3, shape[2], shape[2])
+    steps, setup, settings = _providers(group, shape)
+    conn.send((setup, settings))
+    while (name := conn.recv()) is not None:
+        t0, c0 = time.perf_counter(), time.process_time()
+        steps[name](x)
+        conn.send((time.perf_counter() - t0, time.process_time() - c0))
+    conn.close()
+
+
+def _start(ctx, group: str, shape: tuple, env: dict):
+    """A fresh process for ``group`` with ``env`` added to its environment (read by glibc at start)."""
+    parent, child = ctx.Pipe()
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        proc = ctx.Process(target=_worker, args=(child, group, shape), daemon=True)
+        proc.start()
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    child.close()
+    return proc, parent
+
+
+def time_interleaved(shape: tuple, repeats: int, warmup: int) -> tuple[dict, dict, dict, dict]:
+    """({name: [wall s]}, {name: [process CPU s]}, {name: setup s}, fdfast's settings): one step of each
+    provider per round, each group in its own process, warm-up rounds dropped."""
+    ctx = multiprocessing.get_context("spawn")
+    groups = {"timm": {}, "fdfast": {}, "tuned": {"GLIBC_TUNABLES": TUNABLES}}
+    workers, setup, settings = {}, {}, None
+    try:
+        for group, env in groups.items():  # one at a time: a build (compile) does not overlap another's
+            workers[group] = _start(ctx, group, shape, env)
+            got_setup, got_settings = workers[group][1].recv()
+            setup.update({name: (group, s) for name, s in got_setup.items()})
+            settings = settings or got_settings
+        wall, cpu = {name: [] for name in setup}, {name: [] for name in setup}
+        for i in range(warmup + repeats):
+            for name, (group, _) in setup.items():
+                conn = workers[group][1]
+                conn.send(name)
+                w, c = conn.recv()
+                if i >= warmup:
+                    wall[name].append(w)
+                    cpu[name].append(c)
+    finally:
+        for proc, conn in workers.values():
+            with contextlib.suppress(OSError):
+                conn.send(None)
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+    return wall, cpu, {name: s for name, (_, s) in setup.items()}, settings
 
 
 def run_cpu(ctx) -> None:
     from fdfast.train import cpu_flags
     repeats, warmup = (3, 1) if ctx.quick else (8, 2)
     shapes = SHAPES_CPU[:1] if ctx.quick else SHAPES_CPU
-    for name, teacher, img, size, patch, batch in shapes:
-        torch.manual_seed(0)
-        x = torch.randn(batch, 3, img, img)
-        steps, setup = {}, {}
-        for label, compiled, bf16 in BASELINES:
-            t0 = time.perf_counter()
-            steps[label] = plain_step(teacher, img, size, patch, compiled, bf16)
-            steps[label](x)  # the first call compiles
-            setup[label] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        fdfast = steps["fdfast default"] = FdfastDefault(teacher, img, size, patch, batch, "cpu")
-        fdfast.warm_up()
-        setup["fdfast default"] = time.perf_counter() - t0
-        wall, cpu = time_interleaved(steps, x, repeats, warmup)
+    flags = " ".join(f"{k}={v}" for k, v in cpu_flags().items())
+    for shape in shapes:
+        wall, cpu, setup, settings = time_interleaved(shape, repeats, warmup)
         med = {k: statistics.median(v) for k, v in wall.items()}
         med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
-        best = min((k for k in med if k.startswith("timm")), key=med.get)
-        best_cpu = min((k for k in med_cpu if k.startswith("timm")), key=med_cpu.get)
+        plain = [label for label, _, _ in BASELINES]
+        best = min(plain, key=med.get)
+        best_cpu = min(plain, key=med_cpu.get)
         for provider, m in med.items():
-            ctx.record(shape=name, provider=provider, batch=batch, step_ms=m * 1e3, img_per_s=batch / m,
-                       vs_best_baseline=med[best] / m, best_baseline=best, cpu_step_ms=med_cpu[provider] * 1e3,
-                       cpu_vs_best_baseline=med_cpu[best_cpu] / med_cpu[provider], setup_s=setup[provider],
-                       steps_timed=len(wall[provider]),
-                       fdfast_settings=fdfast.settings() if provider == "fdfast default" else None,
-                       cpu_flags=" ".join(f"{k}={v}" for k, v in cpu_flags().items()))
-        fdfast.close()
+            ctx.record(shape=shape[0], provider=provider, batch=shape[-1], step_ms=m * 1e3, img_per_s=shape[-1] / m,
+                       vs_best_baseline=med[best] / m, best_baseline=best, vs_tuned_malloc_baseline=med[TUNED] / m,
+                       cpu_step_ms=med_cpu[provider] * 1e3, cpu_vs_best_baseline=med_cpu[best_cpu] / med_cpu[provider],
+                       setup_s=setup[provider], steps_timed=len(wall[provider]), own_process=True,
+                       fdfast_settings=settings if provider == "fdfast default" else None, cpu_flags=flags)
 
 
 # ----------------------------------------------------------------------------- CUDA: reference vs fdfast kernels
@@ -168,6 +236,8 @@ def step_time(cfg: Config, device: torch.device, repeats: int) -> tuple[list[flo
     warm-up step: exact for the reference provider; Triton kernels are invisible to the counter)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from fdfast.distributed import DistInfo
+    from fdfast.train import build_parts
     info = DistInfo(device=device)
     torch.manual_seed(0)
     parts = build_parts(cfg, info, amp_dtype=None)  # lr scaled by the global batch = cfg.data.batch_size here
@@ -199,6 +269,7 @@ def step_time(cfg: Config, device: torch.device, repeats: int) -> tuple[list[flo
 def run(ctx) -> None:
     if ctx.device != "cuda":
         return run_cpu(ctx)
+    from fdfast.config import Config
     device = torch.device(ctx.device)
     repeats = 3 if ctx.quick else 10
     for name, teacher, img, size, patch, batch in SHAPES_CUDA[:1] if ctx.quick else SHAPES_CUDA:

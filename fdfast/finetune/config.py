@@ -73,6 +73,7 @@ class FTCkptConfig:
 class FTRuntimeConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA / CPUs with native bf16
+    malloc: Literal["auto", "default"] = "auto"  # auto: glibc keeps freed memory on CPU runs (fdfast.hostmem)
     seed: int = 0  # model init (head) and drop path; data.seed moves the data
     progress: bool = True
     tensorboard: bool = False

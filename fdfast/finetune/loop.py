@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from fdfast import checkpoint as ckpt
+from fdfast import hostmem
 from fdfast.errors import FDFastError
 from fdfast.finetune.config import FinetuneConfig, validate
 from fdfast.finetune.data import Splits, build_transforms, eval_loader, load_splits, train_loader
@@ -200,6 +201,7 @@ def finetune(cfg: FinetuneConfig, model_spec: str, out_dir: str | Path, resume: 
         raise FDFastError(f"{out_dir} already holds a run; pass --resume auto to continue it, or choose a new --out")
     device = _device(cfg.runtime.device)
     amp_dtype = resolve_precision(cfg.runtime.precision, device)
+    hostmem.configure(cfg.runtime.malloc, device)  # before the parts allocate
     p = build_parts(cfg, model_spec, device)
     start, best = (0, {"top1": -1.0, "top5": 0.0, "epoch": 0})
     if resume_from is not None:
@@ -248,7 +250,7 @@ def _run(p: Parts, cfg: FinetuneConfig, model_spec: str, out_dir: Path, start: i
     summary = {"top1": best["top1"], "top5": best["top5"], "best_epoch": best["epoch"], "epochs": cfg.optim.epochs,
                "last_top1": _last(out_dir, "top1"), "wall_s": time.perf_counter() - t_run, "model": model_spec,
                "img_size": p.clf.img_size, "classes": len(p.splits.classes), "train_images": len(p.splits.train),
-               "val_images": len(p.splits.val)}
+               "val_images": len(p.splits.val), "malloc": hostmem.configure(cfg.runtime.malloc, device)}
     atomic_write_json(out_dir / "summary.json", summary, indent=1)
     return summary
 
