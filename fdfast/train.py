@@ -74,7 +74,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, sc
         scheduler.step_update(step)
         return StepResult(loss, None, images, stopping)
     scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad or float("inf"))
+    # the optimizer's parameters are the trainable ones (model.parameters() walks the frozen teacher's modules too:
+    # 2.9 -> 2.35 ms per demo step)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad or float("inf"))
     scaler.step(optimizer)
     scaler.update()
     scheduler.step_update(step)
