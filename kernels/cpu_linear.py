@@ -28,7 +28,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from .utils import autocast_dtype, cpu_bf16_features
+from .utils import autocast_dtype, native_bf16_cpu
 
 _PACK_ROWS_HINT = 2048  # oneDNN's layout hint (rows of x); the packed weight serves any row count
 ENABLED = True  # False: every call is F.linear (A/B measurements in bench/, debugging)
@@ -52,7 +52,7 @@ def _ops_present() -> bool:
 @functools.lru_cache(maxsize=1)
 def packed_linear_available() -> bool:
     """Packed bf16 linears can run on this machine (native bf16 CPU: AVX512-BF16 or AMX; oneDNN ops present)."""
-    return any(cpu_bf16_features().values()) and _ops_present()
+    return native_bf16_cpu() and _ops_present()
 
 
 def _bf16_math(x: torch.Tensor, weight: torch.Tensor) -> bool:

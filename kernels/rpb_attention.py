@@ -31,15 +31,13 @@ SDPA on the CPU in fp32. Under torch.compile the Triton path is a graph break.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
 from .reference import rpb_attention_reference
-from .utils import (batch_chunks, cpu_bf16_features, dot_precision, next_pow2, padded_tokens, tl, triton,
+from .utils import (batch_chunks, dot_precision, exact_bf16_products, next_pow2, padded_tokens, tl, triton,
                     triton_usable)
 
 
@@ -561,30 +559,6 @@ def _add_extra(logits: torch.Tensor, bias, mask) -> torch.Tensor:
     return logits
 
 
-@functools.lru_cache(maxsize=1)
-def _native_bf16_cpu() -> bool:
-    return any(cpu_bf16_features().values()) and torch.backends.mkldnn.is_available()
-
-
-@contextlib.contextmanager
-def _exact_bf16_products(dtype: torch.dtype):
-    """For bf16 ``dtype`` on a native-bf16 CPU: fp32 matmuls inside run on oneDNN's bf16 units (fp32 math mode
-    "bf16": inputs rounded to bf16, fp32 accumulation, fp32 output). Exact for fp32 tensors that hold bf16 values
-    (the upcast q and k): the products and the fp32 sums are those of the fp32 GEMM, at the bf16 rate (measured,
-    2 AVX512-BF16 cores: [192, 65, 64] x [192, 64, 65] 625 -> 357 us, same error against fp64). fp16 values are
-    not exact in bf16, so fp16 (and torch.compile tracing, and CPUs without bf16 units) keep full fp32 math."""
-    if dtype != torch.bfloat16 or torch.compiler.is_compiling() or not _native_bf16_cpu():
-        yield
-        return
-    precision = torch.backends.mkldnn.matmul
-    before = precision.fp32_precision
-    precision.fp32_precision = "bf16"
-    try:
-        yield
-    finally:
-        precision.fp32_precision = before
-
-
 class _CpuLowPrecisionAttention(torch.autograd.Function):
     """softmax(q k^T * scale + bias + mask) v for bf16 / fp16 CPU tensors. Forward: the logits and the softmax in
     fp32 (q and k upcast for that one GEMM: bmm's only output dtype for bf16 inputs is bf16, and logits of a
@@ -599,7 +573,7 @@ class _CpuLowPrecisionAttention(torch.autograd.Function):
         B, H, N, D = q.shape
         # one copy each: upcast straight into a contiguous [B, H, N, D] (then a view for bmm)
         qf, kf = (t.to(torch.float32, memory_format=torch.contiguous_format) for t in (q, k))
-        with _exact_bf16_products(q.dtype):
+        with exact_bf16_products(q.dtype):
             logits = torch.bmm(_heads_first(qf), _heads_first(kf).transpose(1, 2))
         p = _add_extra(logits.mul_(scale).view(B, H, N, N), bias, mask).softmax(-1).to(q.dtype)
         ctx.save_for_backward(q, k, v, p)
@@ -629,7 +603,7 @@ def _cpu_low_precision_attention(q, k, v, bias, mask, scale):
     falls back to its math path in fp32 (forward+backward [32,3,65,64] 9.7 -> 4.0 ms, [16,3,197,64] 29 -> 10 ms,
     1 core, bf16 logits). The fp32 logits cost the demo student's forward + backward ~6% against bf16 logits
     (interleaved A/B, 158 -> 168 ms); fp32 in the backward too would cost ~9% more. Running the logits GEMM on
-    the bf16 units (``_exact_bf16_products``) and upcasting q and k in one copy each took a forward back from
+    the bf16 units (``utils.exact_bf16_products``) and upcasting q and k in one copy each took a forward back from
     797 to 687 us per student block ([32, 3, 65, 64]) and from 1,603 to 1,197 us per teacher block ([32, 6, 65, 64])."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return _CpuLowPrecisionAttention.apply(q, k, v, bias, mask, scale)

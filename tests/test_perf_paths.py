@@ -96,21 +96,21 @@ CPU_ATTN_TOL = {1.0: (1.6e-2, 3e-2), 8.0: (1.6e-2, 3e-2)}
 def test_cpu_attention_logits_on_bf16_units_are_the_fp32_products():
     """The bf16 CPU path computes q k^T from the upcast bf16 values in oneDNN's bf16 math mode: the same products
     and fp32 sums as an fp32 GEMM (bf16 values are exact in bf16), and the process-wide setting is restored."""
-    from fdfast.kernels.rpb_attention import _exact_bf16_products, _native_bf16_cpu
+    from fdfast.kernels.utils import exact_bf16_products, native_bf16_cpu
     torch.manual_seed(0)
     q, k = (torch.randn(6, 65, 64).bfloat16().float() * 4 for _ in range(2))
     exact = torch.bmm(q.double(), k.double().transpose(1, 2))
     before = torch.backends.mkldnn.matmul.fp32_precision
-    with _exact_bf16_products(torch.bfloat16):
+    with exact_bf16_products(torch.bfloat16):
         inside = torch.backends.mkldnn.matmul.fp32_precision
         logits = torch.bmm(q, k.transpose(1, 2))
-    assert inside == ("bf16" if _native_bf16_cpu() else before)
+    assert inside == ("bf16" if native_bf16_cpu() else before)
     assert torch.backends.mkldnn.matmul.fp32_precision == before
     assert logits.dtype == torch.float32
     assert ((logits.double() - exact).abs().max() / exact.abs().max()).item() < 1e-6  # fp32 accumulation only
-    with _exact_bf16_products(torch.float16):  # fp16 values are not exact in bf16: full fp32 math
+    with exact_bf16_products(torch.float16):  # fp16 values are not exact in bf16: full fp32 math
         assert torch.backends.mkldnn.matmul.fp32_precision == before
-    with pytest.raises(RuntimeError), _exact_bf16_products(torch.bfloat16):
+    with pytest.raises(RuntimeError), exact_bf16_products(torch.bfloat16):
         torch.bmm(q, k)  # wrong shapes: the setting is restored on the way out of an error too
     assert torch.backends.mkldnn.matmul.fp32_precision == before
 

@@ -201,7 +201,7 @@ def finetune(cfg: FinetuneConfig, model_spec: str, out_dir: str | Path, resume: 
         raise FDFastError(f"{out_dir} already holds a run; pass --resume auto to continue it, or choose a new --out")
     device = _device(cfg.runtime.device)
     amp_dtype = resolve_precision(cfg.runtime.precision, device)
-    hostmem.configure(cfg.runtime.malloc, device)  # before the parts allocate
+    malloc = hostmem.configure(cfg.runtime.malloc, device)  # before the parts allocate
     p = build_parts(cfg, model_spec, device)
     start, best = (0, {"top1": -1.0, "top5": 0.0, "epoch": 0})
     if resume_from is not None:
@@ -209,11 +209,11 @@ def finetune(cfg: FinetuneConfig, model_spec: str, out_dir: str | Path, resume: 
 
     # Input is valid: now the run directory may be written, by this process only.
     with run_dir_lock(out_dir, "fdfast finetune"):
-        return _run(p, cfg, model_spec, out_dir, start, best, device, amp_dtype)
+        return _run(p, cfg, model_spec, out_dir, start, best, device, amp_dtype, malloc)
 
 
 def _run(p: Parts, cfg: FinetuneConfig, model_spec: str, out_dir: Path, start: int, best: dict, device,
-         amp_dtype) -> dict:
+         amp_dtype, malloc: dict) -> dict:
     """Epochs start+1 .. cfg.optim.epochs: train, evaluate, log, keep the best, commit the last."""
     from fdfast.train import MetricsLog
     atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
@@ -250,7 +250,7 @@ def _run(p: Parts, cfg: FinetuneConfig, model_spec: str, out_dir: Path, start: i
     summary = {"top1": best["top1"], "top5": best["top5"], "best_epoch": best["epoch"], "epochs": cfg.optim.epochs,
                "last_top1": _last(out_dir, "top1"), "wall_s": time.perf_counter() - t_run, "model": model_spec,
                "img_size": p.clf.img_size, "classes": len(p.splits.classes), "train_images": len(p.splits.train),
-               "val_images": len(p.splits.val), "malloc": hostmem.configure(cfg.runtime.malloc, device)}
+               "val_images": len(p.splits.val), "malloc": malloc}
     atomic_write_json(out_dir / "summary.json", summary, indent=1)
     return summary
 
