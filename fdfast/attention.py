@@ -1,8 +1,8 @@
 """fdfast's shared-bias attention as modules: ``RPBAttention`` and ``patch_model`` for timm models.
 
 ``patch_model(model)`` swaps ``fdfast.functional.rpb_attention`` into timm's own attention modules in place,
-by switching each module's class to a subclass that overrides ``forward`` only. Parameters, buffers and
-their names stay timm's (``relative_position_bias_table``, ``rel_pos_bias.*``, ``cpb_mlp.*``, ...), so
+by switching each module's class to a subclass that overrides ``forward`` only (``fdfast.fastpath.swap_forwards``,
+the one home of that idiom). Parameters, buffers and their names stay timm's (``relative_position_bias_table``, ``rel_pos_bias.*``, ``cpb_mlp.*``, ...), so
 state dicts load strictly into the unpatched timm class and back. Supported:
 
 - ``timm.models.beit.Attention``: BEiT / the FD student; the shared bias (``Beit.rel_pos_bias()``, gathered
@@ -26,6 +26,7 @@ from timm.models.beit import Attention as BeitAttention
 from timm.models.swin_transformer_v2 import WindowAttention as SwinV2WindowAttention
 from torch import nn
 
+from fdfast.fastpath import fast_forward, swap_forwards
 from fdfast.functional import rpb_attention
 from fdfast.kernels.cpu_linear import linear
 from fdfast.kernels.rpb_attention import BACKENDS
@@ -69,6 +70,7 @@ def _split_heads(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torc
     return qkv.reshape(B, N, 3, module.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
 
 
+@fast_forward
 class FastBeitAttention(BeitAttention):
     """timm BEiT attention on ``rpb_attention``: shared and/or per-block relative position bias."""
 
@@ -91,6 +93,7 @@ class FastBeitAttention(BeitAttention):
         return self.proj_drop(x)
 
 
+@fast_forward
 class FastVitAttention(TimmAttention):
     """timm VisionTransformer attention (no bias) on ``rpb_attention``; explicit masks use timm's path."""
 
@@ -111,6 +114,7 @@ class FastVitAttention(TimmAttention):
         return self.proj_drop(self.proj(x))
 
 
+@fast_forward
 class FastSwinV2WindowAttention(SwinV2WindowAttention):
     """timm SwinV2 window attention on ``rpb_attention``: cosine logits, CPB bias, shift mask."""
 
@@ -150,14 +154,12 @@ def patch_model(model: nn.Module, backend: str = "auto") -> nn.Module:
     """
     if backend not in BACKENDS:
         raise ValueError(f"patch_model: unknown backend {backend!r}; choose one of {BACKENDS}")
+    swap_forwards(model, FAST_ATTENTION.values())
     fast_classes = set(FAST_ATTENTION.values())
     patched = []
     for name, module in model.named_modules():
-        fast = FAST_ATTENTION.get(type(module))
-        if fast is None and type(module) not in fast_classes:
+        if type(module) not in fast_classes:  # no fast path for this module: timm's class and forward
             continue
-        if fast is not None:
-            module.__class__ = fast
         module.fdfast_backend = backend
         if module.attn_drop.p > 0:
             patched.append(f"{name} (attn_drop {module.attn_drop.p} -> timm's path while training)")

@@ -10,6 +10,7 @@ are restored afterwards.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from fdfast.errors import FDFastError
+from fdfast.fastpath import timm_forward
 from fdfast.models import tokens
 
 
@@ -46,14 +48,6 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return mods
 
 
-def _timm_class(cls: type) -> type:
-    """The timm class under fdfast.patch_model's subclass (which overrides ``forward`` only), else cls."""
-    for base in cls.__mro__:
-        if not base.__module__.startswith("fdfast."):
-            return base
-    return cls
-
-
 class AttentionCapture:
     """Context manager: ``with AttentionCapture(model) as cap: out = model(x)``; then ``cap.maps``.
 
@@ -64,7 +58,8 @@ class AttentionCapture:
         self.model = model
         self.keep = keep or (lambda w: w.detach().float().cpu())
         self.maps: list[AttentionMaps] = []
-        self._handles, self._fused, self._classes = [], [], []
+        self._handles, self._fused = [], []
+        self._timm_forward = contextlib.ExitStack()
         self._image_hw: tuple[int, int] | None = None
 
     def __enter__(self) -> "AttentionCapture":
@@ -74,11 +69,9 @@ class AttentionCapture:
         stem = getattr(self.model, "patch_embed", None)
         stem = stem if isinstance(stem, nn.Module) else self.model
         self._handles.append(stem.register_forward_pre_hook(self._read_image_size))
+        # fdfast.patch_model's fused forward never materialises the weights: timm's own for this capture
+        self._timm_forward.enter_context(timm_forward(attn for _, attn in targets))
         for name, attn in targets:
-            timm_class = _timm_class(type(attn))
-            if timm_class is not type(attn):  # fdfast.patch_model's fused forward: timm's own for this call
-                self._classes.append((attn, type(attn)))
-                attn.__class__ = timm_class
             if hasattr(attn, "fused_attn"):
                 self._fused.append((attn, attn.fused_attn))
                 attn.fused_attn = False  # timm's explicit path: the same math, weights materialised
@@ -97,9 +90,8 @@ class AttentionCapture:
             h.remove()
         for attn, fused in self._fused:
             attn.fused_attn = fused
-        for attn, cls in self._classes:
-            attn.__class__ = cls
-        self._handles, self._fused, self._classes = [], [], []
+        self._timm_forward.close()
+        self._handles, self._fused = [], []
 
     def _read_image_size(self, module, args) -> None:
         self._image_hw = tuple(args[0].shape[-2:])

@@ -4,6 +4,12 @@ METHOD.md: random init, CLS kept, no absolute position embedding, one zero-initi
 ((2Gh-1)(2Gw-1)+3 rows x heads), layer scale 0.1, learnable q/v bias (k bias zero), LayerNorm eps 1e-6,
 drop path ramping linearly over depth. This is timm's ``Beit(use_shared_rel_pos_bias=True,
 use_abs_pos_emb=False)``: the student IS a timm model, no fork.
+
+``build_student(cfg, fast=True)`` returns it on fdfast's forwards, as ``fdfast train`` runs it: the attention on
+``rpb_attention`` (backend ``cfg.attention``) and the fused residual blocks. timm's ``Beit`` and
+``SwinTransformerV2`` take no block or attention class argument, so timm constructs the model and the builder
+switches the modules before anyone holds it (``fdfast.fastpath.swap_forwards``: forward-only subclasses, the
+same state dict, so the export loads strictly into timm's classes).
 """
 from __future__ import annotations
 
@@ -57,15 +63,25 @@ def build_vit_student(size: str = "base", patch_size: int = 16, img_size: int = 
     return model
 
 
-def build_student(model_cfg) -> nn.Module:
-    """A student from ``config.ModelConfig`` (or any object with the same attributes)."""
+def build_student(model_cfg, *, fast: bool = False) -> nn.Module:
+    """A student from ``config.ModelConfig`` (or any object with the same attributes).
+
+    fast: on fdfast's forwards (attention backend ``model_cfg.attention``, fused residual blocks), as training
+    runs it; False: timm's own modules (export, loading weights, references in tests).
+    """
     if model_cfg.arch == "vit":
-        return build_vit_student(model_cfg.size, model_cfg.patch_size, model_cfg.img_size, model_cfg.drop_path,
-                                 model_cfg.pos_bias, **dict(model_cfg.kwargs))
-    if model_cfg.arch == "swinv2":
+        model = build_vit_student(model_cfg.size, model_cfg.patch_size, model_cfg.img_size, model_cfg.drop_path,
+                                  model_cfg.pos_bias, **dict(model_cfg.kwargs))
+    elif model_cfg.arch == "swinv2":
         from fdfast.models.swinv2 import build_swinv2_student
-        return build_swinv2_student(model_cfg)
-    raise FDFastError(f"unknown student arch {model_cfg.arch!r}; choose vit or swinv2")
+        model = build_swinv2_student(model_cfg)
+    else:
+        raise FDFastError(f"unknown student arch {model_cfg.arch!r}; choose vit or swinv2")
+    if fast:
+        from fdfast.attention import patch_model
+        from fdfast.fastpath import fuse_residuals
+        fuse_residuals(patch_model(model, backend=model_cfg.attention))
+    return model
 
 
 def student_tokens(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
