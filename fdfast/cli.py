@@ -20,6 +20,7 @@ COMMANDS = [
     ("linprobe", "fdfast.evaluate"),
     ("diagnose", "fdfast.diagnostics.command"),
     ("export", "fdfast.models.export"),
+    ("shards", "fdfast.data.shards"),
     ("plan", "fdfast.plan"),
     ("teachers", "fdfast.models.teachers"),
 ]

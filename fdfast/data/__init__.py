@@ -6,6 +6,8 @@
 Augmentation (METHOD.md): RandomResizedCrop(S, scale=data.scale, ratio=data.ratio) + horizontal flip
 (p = data.hflip) + normalisation. Files are listed and checked once (cached), ordered by `EpochOrder`
 (seeded, reshuffled per epoch, equal disjoint shards per rank) and resumable via state_dict().
+data.path may also name WebDataset tar shards (``fdfast.data.shards``: brace patterns, "::" lists, a folder of
+.tar files): indexed once (cached), ordered by `ShardOrder` (the same rules, shard by shard), read by both loaders.
 Without data.path the loaders read the default named source (``fdfast.data.sources``, filled by plugins).
 """
 from __future__ import annotations
@@ -15,11 +17,13 @@ import logging
 
 from fdfast.data.base import FDLoader, check_augmentation, write_summary
 from fdfast.data.files import EpochOrder, list_images
+from fdfast.data.shards import ShardOrder, list_shards, shard_paths
 from fdfast.data.sources import DEFAULT_SOURCE, register_source, source_dir, source_names, source_rows
 from fdfast.errors import FDFastError
 
 __all__ = ["build_fd_loader", "build_labeled_loader", "write_summary", "resolve_loader", "list_images",
-           "FDLoader", "DEFAULT_SOURCE", "register_source", "source_dir", "source_names", "source_rows"]
+           "list_shards", "shard_paths", "FDLoader", "DEFAULT_SOURCE", "register_source", "source_dir",
+           "source_names", "source_rows"]
 
 log = logging.getLogger("fdfast.data")
 LOADERS = ("auto", "dali", "torch", "synthetic")
@@ -58,15 +62,21 @@ def _build(data_cfg, *, image_size, mean, std, batch_size, device, rank, world_s
         from fdfast.data.synthetic import SyntheticFDLoader
         return SyntheticFDLoader(order, image_size=image_size, device=device, labeled=labeled, train=train)
 
-    files = list_images(_data_path(data_cfg), labeled=labeled, check=data_cfg.check,
-                        cache_dir=data_cfg.cache_dir)
-    order = EpochOrder(len(files), batch_size, seed=order_seed, rank=rank, world_size=world_size, train=train)
+    path = _data_path(data_cfg)
+    shards = shard_paths(path)
+    place = dict(seed=order_seed, rank=rank, world_size=world_size, train=train)
+    if shards is not None:
+        files = list_shards(shards, labeled=labeled, check=data_cfg.check, cache_dir=data_cfg.cache_dir)
+        order = ShardOrder(files.starts, batch_size, **place)
+    else:
+        files = list_images(path, labeled=labeled, check=data_cfg.check, cache_dir=data_cfg.cache_dir)
+        order = EpochOrder(len(files), batch_size, **place)
     common = dict(image_size=image_size, mean=tuple(mean), std=tuple(std), scale=tuple(data_cfg.scale),
                   ratio=tuple(data_cfg.ratio), hflip=float(data_cfg.hflip), num_workers=int(data_cfg.num_workers),
                   device=device, labeled=labeled, train=train)
     if kind == "dali":
-        from fdfast.data.dali_loader import DaliFDLoader
-        return DaliFDLoader(files, order, **common)
+        from fdfast.data.dali_loader import DaliFDLoader, DaliShardLoader
+        return (DaliFDLoader if shards is None else DaliShardLoader)(files, order, **common)
     from fdfast.data.torch_loader import TorchFDLoader
     return TorchFDLoader(files, order, **common)
 
@@ -85,7 +95,8 @@ def build_fd_loader(data_cfg, *, image_size: int, mean: tuple, std: tuple, batch
 def build_labeled_loader(data_cfg, *, image_size: int, mean: tuple, std: tuple, batch_size: int,
                          device: str = "cpu", rank: int = 0, world_size: int = 1, seed: int = 0,
                          train: bool = True) -> FDLoader:
-    """(images, labels int64 [B]) from class subfolders (label = sorted folder index, ``loader.files.classes``).
+    """(images, labels int64 [B]) from class subfolders (label = sorted folder index, ``loader.files.classes``), or
+    from shards whose samples carry a .cls member (the class index; names from the shards' shards.json).
 
     train=True: infinite, augmented like build_fd_loader. train=False: one pass in file order, resize
     the short side to S / 0.875 + centre crop, the last batch may be short; ``len(loader)`` batches.

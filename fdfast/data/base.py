@@ -124,17 +124,19 @@ def check_augmentation(image_size: int, mean, std, scale, ratio, hflip: float) -
         raise FDFastError(f"data.hflip is a probability in [0, 1], got {hflip}")
 
 
-def sample_crop(img, seed: int, scale, ratio, hflip: float) -> tuple[int, int, int, int, bool]:
-    """RandomResizedCrop window (top, left, height, width) and flip of one sample, drawn from its own seed.
+def sample_crop(width: int, height: int, seed: int, scale, ratio, hflip: float) -> tuple[int, int, int, int, bool]:
+    """RandomResizedCrop window (top, left, height, width) and flip of one image of width x height pixels, drawn
+    from the sample's own seed.
 
-    ``img`` is anything torchvision can measure: a lazily opened PIL image (header only) is enough. Both
-    loaders crop with it, so a sample's crop depends on (file, seed) only: not on the loader's worker count
-    or pipeline, and a resumed run sees exactly the crops the interrupted run would have seen.
+    Every loader crops with it (on the size the image header or a shard index declares), so a sample's crop
+    depends on (image, seed) only: not on the loader, its worker count or pipeline, and a resumed run sees
+    exactly the crops the interrupted run would have seen.
     """
     from torchvision.transforms import RandomResizedCrop
+    shape_only = torch.empty((0, int(height), int(width)), device="meta")  # get_params reads the size only
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
-        top, left, h, w = RandomResizedCrop.get_params(img, list(scale), list(ratio))
+        top, left, h, w = RandomResizedCrop.get_params(shape_only, list(scale), list(ratio))
         flip = torch.rand(()).item() < hflip
     return top, left, h, w, flip
 

@@ -13,6 +13,12 @@ after which the pipeline object is dead. So files are checked once up front (`fi
 cached), and if a decode still fails (a file damaged in its middle), the batches in flight are checked
 with a full PIL decode, the culprits are marked bad and replaced by the next readable file (the torch
 path's rule), and the pipeline is rebuilt at the same position.
+
+Shards (`DaliShardLoader`): the bytes come from DALI's own WebDataset reader (its C++ threads read the tars,
+no Python per sample); the order is still `ShardOrder`'s because the reader reads the members its index files
+list, in the listed order: for each epoch (or resume position) the loader writes index files that list this
+rank's samples in order, one per run of samples from one shard. Crops come from each sample's seed and the image
+size the shard index recorded (`base.sample_crop`), fed beside the reader through an external source.
 """
 from __future__ import annotations
 
@@ -54,7 +60,7 @@ class _BatchSource:
             labels.append(np.array(ld.files.labels[i], dtype=np.int64))
             used.append(i)
             if ld.train:
-                top, left, h, w, flip = sample_crop(header, seed, ld.scale, ld.ratio, ld.hflip)
+                top, left, h, w, flip = sample_crop(*header.size, seed, ld.scale, ld.ratio, ld.hflip)
                 anchors.append(np.array([left, top], dtype=np.float32))
                 shapes.append(np.array([w, h], dtype=np.float32))
                 flips.append(np.array(flip, dtype=np.int32))
@@ -113,9 +119,7 @@ class DaliFDLoader(FDLoader):
                       device_id=self._device_id(), prefetch_queue_depth=PREFETCH)
         def pipeline():  # no DALI randomness: crops and flips come with the batch (_BatchSource)
             if self.train:
-                encoded, labels, anchor, shape, mirror = fn.external_source(
-                    source=self.source, num_outputs=5, batch=True,
-                    dtype=[types.UINT8, types.INT64, types.FLOAT, types.FLOAT, types.INT32])
+                encoded, labels, anchor, shape, mirror = self._inputs()
                 # RandomResizedCrop: decode only the window, then resize it to S x S
                 images = fn.decoders.image_slice(encoded, anchor, shape, device=decoder_device,
                                                  output_type=types.RGB, axis_names="WH", normalized_anchor=False,
@@ -123,8 +127,7 @@ class DaliFDLoader(FDLoader):
                 images = fn.resize(images, resize_x=self.size, resize_y=self.size, antialias=True,
                                    interp_type=types.INTERP_LINEAR)
             else:
-                encoded, labels = fn.external_source(source=self.source, num_outputs=2, batch=True,
-                                                     dtype=[types.UINT8, types.INT64])
+                encoded, labels = self._inputs()
                 images = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB,
                                            adjust_orientation=False)
                 images = fn.resize(images, resize_shorter=int(self.size / EVAL_CROP_PCT), antialias=True,
@@ -135,11 +138,20 @@ class DaliFDLoader(FDLoader):
                                               mirror=mirror)  # float32 [B, 3, S, S]
             return images, labels.gpu() if self.gpu else labels
 
-        self.source = _BatchSource(self)
+        self.source = self._make_source()
         with stop_signals_blocked():  # DALI's threads keep SIGINT / SIGTERM blocked: the main thread gets them
             pipe = pipeline()
             pipe.build()
         return pipe
+
+    def _make_source(self):
+        return _BatchSource(self)
+
+    def _inputs(self) -> list:
+        """DALI nodes (encoded bytes, labels, crop anchors, crop shapes, flips); evaluation: (encoded, labels)."""
+        from nvidia.dali import fn
+        dtypes = _SOURCE_TYPES[:5 if self.train else 2]
+        return fn.external_source(source=self.source, num_outputs=len(dtypes), batch=True, dtype=_dali_types(dtypes))
 
     def _device_id(self) -> int | None:
         if not self.gpu:
@@ -163,14 +175,27 @@ class DaliFDLoader(FDLoader):
                 self._recover(e)
         else:
             raise FDFastError(f"DALI kept failing to decode images under {str(self.files.root)!r}")
-        self.source.in_flight.popleft()
+        self._handed_out()
         images, labels = _to_torch(images, self.device), _to_torch(labels, self.device)
         return (images, labels.view(-1)) if self.labeled else images
 
+    def _handed_out(self) -> None:
+        self.source.in_flight.popleft()
+
+    def _suspects(self) -> set[int]:
+        """Samples of the batches in flight (produced, not yet handed out)."""
+        return {i for batch in self.source.in_flight for i in batch}
+
+    def _decodes(self, i: int) -> bool:
+        try:
+            return decodes(self.files.source(i))
+        except OSError:  # vanished
+            return False
+
     def _recover(self, error: RuntimeError) -> None:
         """A decode failed: find the culprit(s) among the batches in flight, mark them, rebuild."""
-        suspects = {i for batch in self.source.in_flight for i in batch}
-        culprits = sorted(i for i in suspects if not decodes(self.files.paths[i]))
+        suspects = self._suspects()
+        culprits = sorted(i for i in suspects if not self._decodes(i))
         self.pipe = None  # after a critical error a DALI pipeline cannot run again
         if not culprits:
             if "decod" not in str(error).lower():
@@ -184,6 +209,122 @@ class DaliFDLoader(FDLoader):
     def close(self) -> None:
         self.pipe = None  # DALI frees the pipeline's threads and buffers with the object
         self.source = None
+
+
+class _ShardSource:
+    """External source beside DALI's WebDataset reader: for the plan's samples, in the order the reader reads
+    them (cyclically, as the reader wraps around), labels and (training) crop anchors, shapes and flips."""
+
+    def __init__(self, loader: "DaliShardLoader", ids: np.ndarray, seeds: np.ndarray):
+        self.loader = weakref.proxy(loader)
+        self.ids, self.seeds = ids, seeds
+        self.calls = 0
+
+    def positions(self, first_call: int, calls: int) -> np.ndarray:
+        """Plan positions of ``calls`` batches from batch ``first_call`` on."""
+        size = self.loader.order.batch_size
+        return (np.arange(first_call * size, (first_call + calls) * size)) % len(self.ids)
+
+    def __call__(self):
+        ld = self.loader
+        labels, anchors, shapes, flips = [], [], [], []
+        for p in self.positions(self.calls, 1):
+            i = int(self.ids[p])
+            labels.append(np.array(ld.files.labels[i], dtype=np.int64))
+            if ld.train:
+                width, height = ld.files.dims[i]
+                top, left, h, w, flip = sample_crop(width, height, self.seeds[p], ld.scale, ld.ratio, ld.hflip)
+                anchors.append(np.array([left, top], dtype=np.float32))
+                shapes.append(np.array([w, h], dtype=np.float32))
+                flips.append(np.array(flip, dtype=np.int32))
+        self.calls += 1
+        return (labels, anchors, shapes, flips) if ld.train else (labels,)
+
+
+class DaliShardLoader(DaliFDLoader):
+    """DALI on WebDataset shards: DALI's reader reads the bytes in `ShardOrder`'s order (see the module docstring).
+
+    One pipeline per epoch (or per resume / recovery position): its "plan" is this rank's samples from the
+    position to the end of the epoch, bad samples replaced by the next readable one (the torch path's rule).
+    """
+    name = "dali"
+
+    def __init__(self, files, order, **kw):
+        super().__init__(files, order, **kw)
+        self.plan_epoch = -1
+        self.plan_dir: str | None = None
+        self.consumed = 0  # batches of the current pipeline handed out
+
+    def _restart(self) -> None:
+        import tempfile
+        from fdfast.data.shards import dali_index_runs
+        self.close()
+        index, seeds = self.order.epoch(self.epoch)
+        start = self.batch * self.order.batch_size
+        ids = np.array([self._readable(int(i)) for i in index[start:]], dtype=np.int64)
+        self.plan_dir = tempfile.mkdtemp(prefix="fdfast-dali-index-")
+        self.plan_paths, self.plan_indexes = [], []
+        for k, (shard, text) in enumerate(dali_index_runs(self.files, ids)):
+            self.plan_indexes.append(f"{self.plan_dir}/{k:06d}.idx")
+            with open(self.plan_indexes[-1], "w") as f:
+                f.write(text)
+            self.plan_paths.append(shard)
+        self.plan_ids, self.plan_seeds = ids, seeds[start:]
+        self.plan_epoch, self.consumed = self.epoch, 0
+        self.pipe = self._build_pipeline()
+
+    def _readable(self, i: int) -> int:
+        n = len(self.files)
+        while i in self.bad_index:  # _mark_bad stops the run before every sample is bad
+            i = (i + 1) % n
+        return i
+
+    def _make_source(self):
+        return _ShardSource(self, self.plan_ids, self.plan_seeds)
+
+    def _inputs(self) -> list:
+        from nvidia.dali import fn
+        exts = sorted({self.files.exts[int(i)] for i in self.plan_ids})
+        # the reader's order is the index files' order; every listed sample has its image: "error" keeps the reader
+        # and the external source aligned (skipping a sample would shift every label and crop after it)
+        encoded = fn.readers.webdataset(paths=self.plan_paths, index_paths=self.plan_indexes, ext=[";".join(exts)],
+                                        random_shuffle=False, missing_component_behavior="error",
+                                        case_sensitive_extensions=False, name="shards")
+        dtypes = _SOURCE_TYPES[1:5 if self.train else 2]
+        rest = fn.external_source(source=self.source, num_outputs=len(dtypes), batch=True, dtype=_dali_types(dtypes))
+        return [encoded, *rest]
+
+    def _next_batch(self):
+        if self.plan_epoch != self.epoch:
+            self.pipe = None  # a new epoch: a new plan
+        out = super()._next_batch()
+        # evaluation: the reader filled the short last batch from the plan's start; drop those
+        real = min(self.order.batch_size, len(self.plan_ids) - (self.consumed - 1) * self.order.batch_size)
+        if real < self.order.batch_size:
+            out = (out[0][:real], out[1][:real]) if self.labeled else out[:real]
+        return out
+
+    def _handed_out(self) -> None:
+        self.consumed += 1
+
+    def _suspects(self) -> set[int]:
+        positions = self.source.positions(self.consumed, PREFETCH + 2)  # DALI's queue and the reader's
+        return {int(self.plan_ids[p]) for p in positions}
+
+    def close(self) -> None:
+        super().close()
+        if self.plan_dir is not None:
+            import shutil
+            shutil.rmtree(self.plan_dir, ignore_errors=True)
+            self.plan_dir = None
+
+
+_SOURCE_TYPES = ("UINT8", "INT64", "FLOAT", "FLOAT", "INT32")  # encoded, labels, anchors, shapes, flips
+
+
+def _dali_types(names) -> list:
+    from nvidia.dali import types
+    return [getattr(types, n) for n in names]
 
 
 def _to_torch(batch, device: torch.device) -> torch.Tensor:

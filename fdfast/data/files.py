@@ -45,6 +45,15 @@ class FileList:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def source(self, i: int):
+        """What ``load_rgb`` decodes for sample i: its path here (a shard list gives its member's bytes)."""
+        return self.paths[i]
+
+    def read(self, i: int) -> bytes:
+        """The encoded bytes of sample i (OSError when the file vanished)."""
+        with open(self.paths[i], "rb") as f:
+            return f.read()
+
 
 def list_images(path: str | Path, *, labeled: bool = False, check: str = "fast",
                 cache_dir: str | Path | None = None) -> FileList:
@@ -139,56 +148,75 @@ def looks_like_image(path: str) -> bool:
             tail = f.read(64)
     except OSError:
         return False
+    return plausible_image(head, tail, size) and _sane_size(path)
+
+
+def plausible_image(head: bytes, tail: bytes, size: int) -> bool:
+    """The magic-number and end-marker half of `looks_like_image`: first 16 and last 64 bytes of the data."""
     if size == 0 or not head.startswith(_MAGIC):
         return False
     if head.startswith(b"\xff\xd8") and b"\xff\xd9" not in tail:  # JPEG end-of-image marker (may be padded)
         return False
     if head.startswith(b"\x89PNG") and b"IEND" not in tail:
         return False
-    return _sane_size(path)
+    return True
 
 
-def _sane_size(path: str) -> bool:
-    """The header parses and declares 1 to PIL's MAX_IMAGE_PIXELS pixels (PIL reads only the header here).
+def _sane_size(source) -> bool:
+    """The header of ``source`` (a path or a binary file object) parses and declares 1 to PIL's MAX_IMAGE_PIXELS
+    pixels (PIL reads only the header here).
 
     A decompression bomb (a small file declaring e.g. 30000 x 30000 pixels) would take gigabytes to decode
     in a worker or a DALI thread; PIL's own limit (about 89 M pixels, ``Image.MAX_IMAGE_PIXELS``; None: no
     limit) decides, so a user who raises it for a data set of huge images gets them read.
     """
+    return image_size(source) is not None
+
+
+def image_size(source) -> tuple[int, int] | None:
+    """(width, height) its header declares, or None when the header does not parse or the size is not sane."""
     import warnings
     from PIL import Image
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 width, height = img.size
     except Exception:  # noqa: BLE001 - Image.open fails on any header it cannot parse (or a bomb > 2x the limit)
-        return False
+        return None
     limit = Image.MAX_IMAGE_PIXELS
-    return width >= 1 and height >= 1 and (limit is None or width * height <= limit)
+    if width >= 1 and height >= 1 and (limit is None or width * height <= limit):
+        return int(width), int(height)
+    return None
 
 
-def load_rgb(path: str):
-    """Decode an image the way every fdfast reader does: a PIL RGB image, 8 bits per channel.
+def load_rgb(source):
+    """Decode an image (a path or a binary file object) the way every fdfast reader does: a PIL RGB image, 8 bits
+    per channel.
 
     grey, palette, CMYK, RGBA (alpha dropped) and animated files (first frame) convert with PIL; 16-bit grey
     (PNG / TIFF modes ``I;16*`` and ``I``) is scaled to 8 bits first, as PIL already does for 16-bit colour:
     PIL's own ``convert`` would clip it, turning most of the picture white.
     """
     from PIL import Image
-    with Image.open(path) as img:
+    with Image.open(source) as img:
         if img.mode.startswith("I"):  # 16-bit grey: keep the top 8 bits of each value
             grey = np.asarray(img).astype(np.int64).clip(0, 65535) >> 8
             return Image.fromarray(grey.astype(np.uint8), "L").convert("RGB")
         return img.convert("RGB")  # forces the full decode that open() defers
 
 
-def decodes(path: str) -> bool:
-    """Full check: the header passes `_sane_size` and every pixel decodes as the loaders decode it."""
-    if not _sane_size(path):
+def decodes(source) -> bool:
+    """Full check: the header passes `_sane_size` and every pixel decodes as the loaders decode it.
+
+    ``source``: a path, or a binary file object positioned at the start of the image (it is read twice).
+    """
+    if not _sane_size(source):
         return False
     try:
-        load_rgb(path)
+        if hasattr(source, "seek"):
+            source.seek(0)
+        load_rgb(source)
         return True
     except Exception:  # noqa: BLE001 - any decoder failure means "skip this file"
         return False
@@ -278,15 +306,13 @@ class EpochOrder:
         if self._cached is not None and self._cached[0] == epoch:
             return self._cached[1], self._cached[2]
         if not self.train:
-            index = np.arange(self.rank, self.n_files, self.world_size)
+            index = self._eval_part()
             self._cached = (epoch, index, np.zeros_like(index))
             return index, self._cached[2]
         rng = np.random.default_rng([self.seed, epoch])
-        perm = rng.permutation(self.n_files)
+        sequence = self._sequence(rng)  # [n_files]: the epoch's order of the whole data set
         seeds = rng.integers(0, 2**31 - 1, size=self.n_files)  # per global position, so ranks differ
-        used = self.shard_len * self.world_size
-        index = perm[self.rank:used:self.world_size]
-        sample_seeds = seeds[self.rank:used:self.world_size]
+        index, sample_seeds = self._rank_part(sequence), self._rank_part(seeds)
         pad = self.batches_per_epoch * self.batch_size - self.shard_len
         if pad:  # wrap around this rank's own shard: full batches, shards still disjoint
             laps = 1 + -(-pad // self.shard_len)  # a shard shorter than the pad wraps more than once
@@ -295,6 +321,18 @@ class EpochOrder:
             sample_seeds = np.concatenate([sample_seeds + lap for lap in range(laps)])[:self.shard_len + pad]
         self._cached = (epoch, index, sample_seeds)
         return index, sample_seeds
+
+    def _sequence(self, rng: np.random.Generator) -> np.ndarray:
+        """The whole data set in this epoch's order: a uniform permutation."""
+        return rng.permutation(self.n_files)
+
+    def _rank_part(self, x: np.ndarray) -> np.ndarray:
+        """This rank's positions of an epoch sequence: every world_size-th from position rank (the rest dropped)."""
+        return x[self.rank:self.shard_len * self.world_size:self.world_size]
+
+    def _eval_part(self) -> np.ndarray:
+        """This rank's files in evaluation: list order, every world_size-th from rank."""
+        return np.arange(self.rank, self.n_files, self.world_size)
 
     def batch(self, epoch: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
         index, seeds = self.epoch(epoch)

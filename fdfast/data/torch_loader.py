@@ -45,22 +45,22 @@ class CropDataset(torch.utils.data.Dataset):
     """Item (file index, sample seed) -> (uint8 [3, S, S] crop, label, [paths that failed to decode])."""
 
     def __init__(self, files: FileList, image_size: int, scale, ratio, hflip: float, train: bool):
-        self.paths, self.labels = files.paths, files.labels
+        self.files, self.labels = files, files.labels
         self.size, self.scale, self.ratio, self.hflip, self.train = image_size, scale, ratio, hflip, train
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.files)
 
     def __getitem__(self, item):
         index, seed = item
         failed = []
         # A file that passed the cheap check can still fail to decode: substitute the next file.
-        for k in range(min(MAX_SUBSTITUTES, len(self.paths))):
-            i = (index + k) % len(self.paths)
+        for k in range(min(MAX_SUBSTITUTES, len(self.files))):
+            i = (index + k) % len(self.files)
             try:
-                img = load_rgb(self.paths[i])  # the full decode inside the guard; grey / 16-bit / RGBA -> RGB
+                img = load_rgb(self.files.source(i))  # the full decode inside the guard; grey / 16-bit / RGBA -> RGB
             except Exception:  # noqa: BLE001 - any decode failure means "skip this file"
-                failed.append(self.paths[i])
+                failed.append(self.files.paths[i])
                 continue
             return TF.pil_to_tensor(self._augment(img, seed)), self.labels[i], failed
         raise FDFastError(f"{len(failed)} image files in a row failed to decode, e.g. {failed[0]!r}; the data "
@@ -70,7 +70,7 @@ class CropDataset(torch.utils.data.Dataset):
         if not self.train:
             img = TF.resize(img, int(self.size / EVAL_CROP_PCT), InterpolationMode.BILINEAR, antialias=True)
             return TF.center_crop(img, [self.size, self.size])
-        top, left, h, w, flip = sample_crop(img, seed, self.scale, self.ratio, self.hflip)
+        top, left, h, w, flip = sample_crop(img.width, img.height, seed, self.scale, self.ratio, self.hflip)
         img = TF.resized_crop(img, top, left, h, w, [self.size, self.size], InterpolationMode.BILINEAR,
                               antialias=True)
         return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else img
