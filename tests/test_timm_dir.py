@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 
 import pytest
 import timm
@@ -138,3 +137,111 @@ def test_export_cli_writes_a_new_folder_only(tmp_path, capsys):
     assert main(["export", str(run), "--to", "timm-dir", "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "writes a folder" in capsys.readouterr().err
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary folder left behind
+
+
+# -- model folders as inputs: teachers, fine-tuning, the Hugging Face cache ---------------------------------
+def _timm_folder(folder, num_classes=0):
+    """A tiny timm ViT saved by timm's own save_for_hf (what a hub repo of timm holds)."""
+    torch.manual_seed(2)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=num_classes,
+                              pretrained_cfg_overlay=dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))
+    timm.models.save_for_hf(model, folder, safe_serialization=True)
+    return model.eval()
+
+
+def _hub_cache(root, repo, folder):
+    """The files of ``folder`` as huggingface_hub caches a download of ``repo``: blobs, a snapshot of symlinks, refs."""
+    base = root / f"models--{repo.replace('/', '--')}"
+    commit = hashlib.sha1(repo.encode()).hexdigest()
+    (base / "snapshots" / commit).mkdir(parents=True)
+    (base / "blobs").mkdir()
+    for path in folder.iterdir():
+        data = path.read_bytes()
+        blob = hashlib.sha256(data).hexdigest()
+        (base / "blobs" / blob).write_bytes(data)
+        os.symlink(f"../../blobs/{blob}", base / "snapshots" / commit / path.name)
+    (base / "refs").mkdir()
+    (base / "refs" / "main").write_text(commit)
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    assert constants.HF_HUB_OFFLINE  # conftest: no network, the cache only
+    root = tmp_path / "hf-cache"
+    root.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
+    return root
+
+
+def test_a_timm_folder_is_a_teacher(tmp_path):
+    from fdfast.models.teachers import build_teacher
+    model = _timm_folder(tmp_path / "vit", num_classes=10)
+    teacher = build_teacher(f"local-dir:{tmp_path / 'vit'}", embedding=True)
+    assert teacher.img_size == 32 and teacher.mean == (0.5, 0.5, 0.5)  # from the folder's config
+    assert (teacher.grid, teacher.num_prefix_tokens, teacher.dim, teacher.embedding_dim) == ((2, 2), 1, 192, 10)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(teacher(x), model.forward_features(x))
+        assert torch.equal(teacher.embedding(x), model(x))
+    # an exported FD student is a teacher too (iterated FD), its tokens the student's
+    run, student = write_run(tmp_path / "run", vit_cfg())
+    out = export(run, tmp_path / "fd-vit", "timm-dir")
+    fd_teacher = build_teacher(f"local-dir:{out}")
+    assert fd_teacher.mean == pytest.approx(OPENAI_CLIP_MEAN) and fd_teacher.grid == (3, 3)
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        assert rel_err(fd_teacher(x), student.forward_features(x)) <= TOL
+    with pytest.raises(FDFastError, match="holds no config.json.*--to timm-dir"):
+        build_teacher(f"local-dir:{tmp_path / 'run'}")
+
+
+def test_a_timm_folder_fine_tunes(tmp_path):
+    from fdfast.finetune.model import build_classifier, resolve_model
+    run, _ = write_run(tmp_path / "run", vit_cfg())
+    out = export(run, tmp_path / "fd-vit", "timm-dir")
+    backbone = resolve_model(f"local-dir:{out}")
+    assert backbone.img_size == 48 and backbone.mean == pytest.approx(OPENAI_CLIP_MEAN)
+    clf = build_classifier(backbone, num_classes=3)
+    weights = load_file(str(out / "model.safetensors"))
+    own = clf.model.state_dict()
+    for k, v in weights.items():  # METHOD.md's head: the final norm starts the fc_norm
+        assert torch.equal(own["fc_norm." + k[5:]] if k.startswith("norm.") else own[k], v), k
+    assert clf.model.num_classes == 3 and clf.model.head.weight.abs().max() < 0.01  # new, almost silent head
+
+
+def test_hf_hub_names_come_from_the_offline_cache(tmp_path, hub_cache):
+    from fdfast.finetune.model import resolve_model
+    from fdfast.models.teachers import build_teacher
+    model = _timm_folder(tmp_path / "vit")
+    _hub_cache(hub_cache, "someone/tiny-vit", tmp_path / "vit")
+    assert timm.create_model("hf-hub:someone/tiny-vit", pretrained=True) is not None  # the layout timm reads
+    teacher = build_teacher("hf-hub:someone/tiny-vit")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(teacher(x), model.forward_features(x))
+    assert resolve_model("hf-hub:someone/tiny-vit").img_size == 32
+    with pytest.raises(FDFastError) as e:
+        build_teacher("hf-hub:someone/not-downloaded")
+    message = str(e.value)
+    assert "\n" not in message and "not in the Hugging Face cache" in message and "HF_HUB_OFFLINE=1" in message
+
+
+def test_an_uncached_hub_model_is_one_line_exit_2(tmp_path, hub_cache, capsys):
+    assert main(["finetune", "hf-hub:someone/not-downloaded", "--out", str(tmp_path / "ft")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "hf-hub:someone/not-downloaded" in err[0] and "not in the Hugging Face cache" in err[0]
+    assert not (tmp_path / "ft").exists()
+
+
+def test_fdfast_train_takes_a_folder_teacher(tmp_path, image_dir):
+    from test_shards import _train_argv
+    _timm_folder(tmp_path / "vit")
+    argv = _train_argv(tmp_path / "run", "", str(image_dir), 2)
+    argv[argv.index("--teacher") + 1] = f"local-dir:{tmp_path / 'vit'}"
+    del argv[argv.index("--teacher-weights"):argv.index("--teacher-weights") + 2]  # the folder holds them
+    assert main(argv) == 0
+    config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert config["teacher"]["name"] == f"local-dir:{tmp_path / 'vit'}"
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] > 0 for r in rows)

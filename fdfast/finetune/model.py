@@ -1,9 +1,10 @@
 """MODEL argument -> a timm classifier to fine-tune: backbone weights loaded strictly, a new head, the input norm.
 
 MODEL is an FD run dir, a ``checkpoints/step-N`` dir, a student .safetensors (or an official FD .pth), an
-``fdfast export --to timm`` file (or a fine-tuned ``best.safetensors``), ``teacher:NAME[@WEIGHTS]``, or a timm
-model name (random init: the baseline). The classifier is METHOD.md's: mean-pooled patch tokens -> fc_norm ->
-head (trunc-normal x ``head_init_scale``, bias 0); an FD student's shared relative position bias table is
+``fdfast export --to timm`` file (or a fine-tuned ``best.safetensors``), ``teacher:NAME[@WEIGHTS]``, a timm model
+folder (``local-dir:DIR``, e.g. ``fdfast export --to timm-dir``, or ``hf-hub:ORG/NAME`` from the Hugging Face
+cache), or a timm model name (random init: the baseline). The classifier is METHOD.md's: mean-pooled patch tokens ->
+fc_norm -> head (trunc-normal x ``head_init_scale``, bias 0); an FD student's shared relative position bias table is
 copied into every block's own table (``fdfast export`` does the same), and its final norm starts the fc_norm.
 """
 from __future__ import annotations
@@ -51,6 +52,9 @@ def resolve_model(spec: str, img_size: int | None = None, kwargs: dict | None = 
     """MODEL argument -> Backbone; anything that is not a model is a one-line FDFastError."""
     if spec.startswith("teacher:"):
         return _teacher_backbone(spec, img_size)
+    from fdfast.models.teachers import MODEL_FOLDERS
+    if spec.startswith(MODEL_FOLDERS):  # a timm model folder: read as a teacher entry is (config.json + weights)
+        return _teacher_backbone(spec, img_size, name=spec)
     path = Path(spec)
     if path.exists():
         if path.is_file() and path.suffix == ".safetensors" and _timm_meta(path):
@@ -60,13 +64,16 @@ def resolve_model(spec: str, img_size: int | None = None, kwargs: dict | None = 
     if timm.is_model(spec.split(".")[0]):
         return _timm_name_backbone(spec, kwargs or {})
     raise FDFastError(f"MODEL {spec!r} is neither an existing run / checkpoint / exported file, teacher:NAME[@WEIGHTS] "
-                      f"(see `fdfast teachers`), nor a timm model name")
+                      f"(see `fdfast teachers`), a timm model folder (local-dir:DIR, hf-hub:ORG/NAME), nor a timm "
+                      f"model name")
 
 
-def _teacher_backbone(spec: str, img_size: int | None) -> Backbone:
+def _teacher_backbone(spec: str, img_size: int | None, name: str | None = None) -> Backbone:
     from fdfast.diagnostics.inputs import timm_model
     from fdfast.models.teachers import build_teacher, get_entry
-    name, _, weights = spec[len("teacher:"):].partition("@")
+    weights = None
+    if name is None:
+        name, _, weights = spec[len("teacher:"):].partition("@")
     if not name:
         raise FDFastError("teacher:NAME needs a name, e.g. teacher:demo-dinov2-s14 (see `fdfast teachers`)")
     entry = get_entry(name)

@@ -13,11 +13,19 @@ timm's own ``checkpoint_filter_fn`` wherever timm ships the conversion; what the
 keys a release carries beside the backbone). The filtered weights load strictly (``convert.load_strict``
 lists every mismatched key). Adding a teacher is one row; a plugin adds its own with ``register_teacher``.
 ``kw`` overrides the timm kwargs (tests build tiny teachers with it).
+
+A timm model folder is a teacher too: ``local-dir:DIR`` or ``hf-hub:ORG/NAME[@REVISION]`` (the same names
+``timm.create_model`` takes; hf-hub names come from the Hugging Face cache, so they work offline once
+downloaded). Its config.json gives the architecture, the constructor arguments (``model_args``), the input size
+and mean / std; the token geometry comes from the built model (``fdfast.models.tokens``); its weights load
+strictly through ``filter_timm`` (a classifier head is kept only for loss.target=embedding).
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -367,7 +375,8 @@ def _open_clip_weights(model_name: str, tag: str) -> dict:
 
 
 def get_entry(name: str) -> TeacherEntry:
-    """The registry entry of ``name``; ``open_clip:MODEL[:TAG]`` and any other timm model name get an entry too."""
+    """The registry entry of ``name``; ``open_clip:MODEL[:TAG]``, timm model folders (``local-dir:DIR``,
+    ``hf-hub:ORG/NAME``) and any other timm model name get an entry too."""
     from fdfast.plugins import load_plugins, missing_name_error, plugin_failures
     load_plugins()
     if name in _PLUGGED:
@@ -376,6 +385,8 @@ def get_entry(name: str) -> TeacherEntry:
         return REGISTRY[name]
     if name.startswith(OPEN_CLIP):
         return _open_clip_entry(name)
+    if name.startswith(MODEL_FOLDERS):
+        return _folder_entry(name)
     import timm
     arch = name.split(".")[0]
     if not timm.is_model(arch):
@@ -391,18 +402,125 @@ def get_entry(name: str) -> TeacherEntry:
 
 def _timm_entry(name: str, arch: str) -> TeacherEntry:
     """A plain timm model name: its pretrained config gives size and mean/std; its module, the layout."""
-    from timm.models import get_pretrained_cfg, is_model_in_modules
+    from timm.models import get_pretrained_cfg
     cfg = get_pretrained_cfg(name)
     cfg = cfg.to_dict() if cfg is not None else {}
-    vit_like = is_model_in_modules(arch, ["vision_transformer", "deit", "beit", "eva", "vision_transformer_relpos",
-                                          "vision_transformer_sam", "swin_transformer_v2_cr"])
-    filters = {"swin_transformer": filter_swin, "swin_transformer_v2": filter_swinv2}
-    checkpoint_filter = next((f for module, f in filters.items() if is_model_in_modules(arch, [module])), filter_timm)
-    tokens_choice = "final_norm" if vit_like or checkpoint_filter is not filter_timm else "last_stage"
+    checkpoint_filter, tokens_choice = _layout_of(arch)
     return TeacherEntry(name, arch, checkpoint_filter, int(cfg.get("input_size", (3, 224, 224))[-1]),
                         tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN)), tuple(cfg.get("std", IMAGENET_DEFAULT_STD)),
                         tokens=tokens_choice, release_file=f"a {arch} timm state dict",
                         pretrained=name if "." in name or cfg.get("hf_hub_id") or cfg.get("url") else None)
+
+
+def _layout_of(arch: str) -> tuple[Callable, str]:
+    """(checkpoint filter, token choice) of a timm architecture, from the module that defines it."""
+    from timm.models import is_model_in_modules
+    vit_like = is_model_in_modules(arch, ["vision_transformer", "deit", "beit", "eva", "vision_transformer_relpos",
+                                          "vision_transformer_sam", "swin_transformer_v2_cr"])
+    filters = {"swin_transformer": filter_swin, "swin_transformer_v2": filter_swinv2}
+    checkpoint_filter = next((f for module, f in filters.items() if is_model_in_modules(arch, [module])), filter_timm)
+    return checkpoint_filter, "final_norm" if vit_like or checkpoint_filter is not filter_timm else "last_stage"
+
+
+# ---- timm model folders: local-dir:DIR, hf-hub:ORG/NAME ------------------------------------------------------
+
+MODEL_FOLDERS = ("local-dir:", "hf-hub:")  # timm.create_model's prefixes for a model folder
+FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")  # timm's preference
+
+
+def model_folder(name: str) -> Path:
+    """The local folder (config.json + weights) of ``local-dir:DIR`` or ``hf-hub:ORG/NAME[@REVISION]``.
+
+    hf-hub names resolve through huggingface_hub: from its cache when offline (HF_HUB_OFFLINE=1), downloaded
+    otherwise; a name that is not cached offline is one FDFastError saying so.
+    """
+    source, _, ident = name.partition(":")
+    if source == "local-dir":
+        folder = Path(ident).expanduser()
+        if not (folder / "config.json").is_file():
+            raise FDFastError(f"{name}: {str(folder)!r} holds no config.json; a timm model folder holds config.json "
+                              f"and model.safetensors (`fdfast export RUN --to timm-dir --out DIR` writes one)")
+        return folder
+    repo, _, revision = ident.partition("@")
+    if not repo:
+        raise FDFastError(f"{name}: name the Hugging Face repo, e.g. hf-hub:timm/vit_small_patch16_224.dino")
+    config = _hub_file(name, repo, "config.json", revision or None)
+    for weights in FOLDER_WEIGHTS:  # the snapshot folder holds every file of one revision
+        try:
+            _hub_file(name, repo, weights, revision or None)
+            return Path(config).parent
+        except FileNotFoundError:
+            continue
+    raise FDFastError(f"{name}: its config.json is there but no weights file ({', '.join(FOLDER_WEIGHTS)})"
+                      + (" in the Hugging Face cache (HF_HUB_OFFLINE=1)" if _offline() else ""))
+
+
+def _hub_file(name: str, repo: str, filename: str, revision: str | None) -> str:
+    """A file of a hub repo (cache first); FileNotFoundError for a weights file the repo / cache lacks."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+    try:
+        return hf_hub_download(repo, filename, revision=revision)
+    except EntryNotFoundError:
+        if filename != "config.json":
+            raise FileNotFoundError(filename) from None
+        why = ("not in the Hugging Face cache " + repr(str(constants.HF_HUB_CACHE)) if _offline()
+               else "the repo has no config.json (not a timm model folder)")
+    except Exception as e:  # network / repo / revision errors: huggingface_hub has many types
+        why = str(e).strip().splitlines()[0][:200]
+    offline = " with HF_HUB_OFFLINE=1: download it once online, or pass local-dir:DIR" if _offline() else ""
+    raise FDFastError(f"{name}: cannot get {filename} ({why}){offline}")
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def read_model_folder(folder: Path) -> tuple[str, dict, dict]:
+    """(architecture, model_args, pretrained_cfg) of a timm model folder's config.json (timm's format; the older
+    single-dict layout too)."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+        if "pretrained_cfg" in cfg:
+            arch, pretrained_cfg = cfg["architecture"], dict(cfg["pretrained_cfg"])
+        else:  # timm < 0.8 exports: one dict
+            pretrained_cfg = dict(cfg)
+            arch = pretrained_cfg.pop("architecture")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise FDFastError(f"{folder / 'config.json'} is not a timm model config ({type(e).__name__}: {e}); "
+                          f"it needs 'architecture' and 'pretrained_cfg'") from None
+    if "num_classes" in cfg:
+        pretrained_cfg["num_classes"] = cfg["num_classes"]
+    return arch, dict(cfg.get("model_args") or {}), pretrained_cfg
+
+
+def folder_weights(folder: Path) -> Path:
+    found = next((folder / n for n in FOLDER_WEIGHTS if (folder / n).is_file()), None)
+    if found is None:
+        raise FDFastError(f"{folder} holds no weights file ({', '.join(FOLDER_WEIGHTS)}); a timm model folder "
+                          f"holds config.json and model.safetensors")
+    return found
+
+
+def _folder_entry(name: str) -> TeacherEntry:
+    """A registry row for a timm model folder: architecture, arguments, input size and mean / std from its config."""
+    import timm
+    folder = model_folder(name)
+    arch, model_args, pretrained_cfg = read_model_folder(folder)
+    if not timm.is_model(arch):
+        raise FDFastError(f"{name}: its architecture {arch!r} is not a timm model here; upgrade timm "
+                          f"(pip install -U timm) or pick another folder")
+    weights = folder_weights(folder)
+    checkpoint_filter, tokens_choice = _layout_of(arch)
+    # img_size and num_classes are the teacher's own choices (input size, head for loss.target=embedding)
+    kwargs = {k: v for k, v in model_args.items() if k not in ("img_size", "num_classes")}
+    return TeacherEntry(name, arch, checkpoint_filter, int(pretrained_cfg.get("input_size", (3, 224, 224))[-1]),
+                        tuple(pretrained_cfg.get("mean", IMAGENET_DEFAULT_MEAN)),
+                        tuple(pretrained_cfg.get("std", IMAGENET_DEFAULT_STD)), kwargs, tokens_choice,
+                        release_file=f"{weights.name} of {name}",
+                        default_weights=lambda: convert.read_weights(weights),
+                        embedding_dim=int(pretrained_cfg.get("num_classes") or 0))
 
 
 # ---- the teacher -------------------------------------------------------------------------------------------
