@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import shutil
 import tarfile
 
 import numpy as np
@@ -134,6 +135,21 @@ def test_fdfast_shards_writes_every_image_once_with_its_label(classes_dir, tmp_p
     assert all((out / n).read_bytes() == (tmp_path / "again" / n).read_bytes() for n in again["shards"])
     assert main(["shards", str(classes_dir), "--out", str(out)]) == 2  # never writes over shards
     assert "already holds .tar shards" in capsys.readouterr().err
+
+
+def test_a_validation_split_takes_the_training_class_order(classes_dir, tmp_path, capsys):
+    train = tmp_path / "train"
+    write_shards(classes_dir, train, shard_size=8)
+    val = tmp_path / "val"
+    shutil.copytree(classes_dir / "class2", val / "class2")  # a split holding one class: its index stays 2
+    assert main(["shards", str(val), "--out", str(tmp_path / "val-shards"), "--classes",
+                 str(train / "shards.json")]) == 0
+    files = list_shards(shard_paths(str(tmp_path / "val-shards")), labeled=True)
+    assert set(files.labels) == {2} and files.classes == ["class0", "class1", "class2"]
+    (val / "class9").mkdir()
+    Image.new("RGB", (20, 20)).save(val / "class9" / "x.png")
+    assert main(["shards", str(val), "--out", str(tmp_path / "v2"), "--classes", str(train / "shards.json")]) == 2
+    assert "['class9']" in capsys.readouterr().err
 
 
 def test_flat_folders_give_unlabelled_shards(tmp_path):
@@ -325,7 +341,6 @@ def _train_argv(out, teacher_file, data, steps, *extra):
 
 
 def test_a_run_on_shards_resumes_bitwise(tmp_path, teacher_file, shard_spec):
-    import shutil
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert main(_train_argv(straight, teacher_file, shard_spec, 6)) == 0  # 6 steps of 4: past the 15-sample epoch
     shutil.copytree(straight, split)  # the same run (training is deterministic), then killed after step 2's commit:

@@ -385,11 +385,13 @@ def _no_blanks(name: str) -> str:
 # ---- `fdfast shards`: an image folder -> shards ------------------------------------------------------------
 
 def write_shards(folder, out, *, shard_size: int = 1000, labels: str = "auto", shuffle: bool = True, seed: int = 0,
-                 prefix: str | None = None, check: str = "fast") -> dict:
+                 prefix: str | None = None, check: str = "fast", classes: list[str] | None = None) -> dict:
     """Write the readable images of ``folder`` into ``out``/PREFIX-000000.tar, ... (``shard_size`` samples each).
 
     labels: "folders" (class subfolders: a .cls member per sample, class names in out/shards.json), "none", or
-    "auto" (folders when ``folder`` holds only subfolders). The image bytes are stored unchanged; shuffle=True
+    "auto" (folders when ``folder`` holds only subfolders). classes: the class order to label with (e.g. the
+    training split's, for its validation split, which may lack a class); default: the sorted subfolder names.
+    The image bytes are stored unchanged; shuffle=True
     (seeded) writes the samples in random order, so a batch of one shard is a random sample of the data.
     Returns the manifest (also written to out/shards.json).
     """
@@ -402,6 +404,14 @@ def write_shards(folder, out, *, shard_size: int = 1000, labels: str = "auto", s
         raise FDFastError(f"{out} already holds .tar shards; choose an empty --out folder")
     labeled = labels == "folders" or (labels == "auto" and folder.is_dir() and _only_subfolders(folder))
     files = list_images(folder, labeled=labeled, check=check)
+    if labeled and classes is not None:
+        unknown = sorted(set(files.classes) - set(classes))
+        if unknown:
+            raise FDFastError(f"class folders {unknown[:5]} of {str(folder)!r} are not in the given class list "
+                              f"({len(classes)} classes); pass the list of the split these folders belong with")
+        index = {c: i for i, c in enumerate(classes)}
+        files.labels = [index[files.classes[label]] for label in files.labels]
+        files.classes = list(classes)
     prefix = prefix or folder.resolve().name or "shard"
     if "{" in prefix or "/" in prefix or ":" in prefix:
         raise FDFastError(f"--prefix {prefix!r} must be a plain name (no braces, slashes or colons)")
@@ -463,6 +473,9 @@ def register(subparsers) -> None:
     p.add_argument("--prefix", help="shard name prefix (default: FOLDER's name): PREFIX-000000.tar, ...")
     p.add_argument("--labels", default="auto", choices=["auto", "folders", "none"],
                    help="class labels from subfolders (auto: when FOLDER holds only subfolders)")
+    p.add_argument("--classes", metavar="FILE",
+                   help="label with this class order: the shards.json of another split (e.g. train's, when "
+                        "converting val) or a text file of class names, one per line")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample order")
     p.add_argument("--no-shuffle", action="store_true", help="keep the sorted file order")
     p.add_argument("--check", default="fast", choices=["fast", "full", "off"],
@@ -470,9 +483,28 @@ def register(subparsers) -> None:
     p.set_defaults(func=_run)
 
 
+def read_class_list(path) -> list[str]:
+    """Class names from a shards.json (its "classes") or a text file (one name per line)."""
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise FDFastError(f"cannot read the class list {str(path)!r}: {e.strerror}") from None
+    if path.suffix == ".json":
+        try:
+            names = json.loads(text).get("classes")
+        except (ValueError, AttributeError):
+            names = None
+        if not isinstance(names, list) or not names:
+            raise FDFastError(f"{str(path)!r} has no \"classes\" list; pass the shards.json of a labelled shard set")
+        return [str(n) for n in names]
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def _run(args: argparse.Namespace) -> int:
+    classes = read_class_list(args.classes) if args.classes else None
     m = write_shards(args.folder, args.out, shard_size=args.shard_size, labels=args.labels, shuffle=not args.no_shuffle,
-                     seed=args.seed, prefix=args.prefix, check=args.check)
+                     seed=args.seed, prefix=args.prefix, check=args.check, classes=classes)
     classes = f", {len(m['classes'])} classes" if m["classes"] else ""
     skipped = f", {len(m['skipped'])} unreadable skipped" if m["skipped"] else ""
     print(f"wrote {len(m['shards'])} shard(s) ({m['samples']} images{classes}{skipped}) to {args.out}; "

@@ -706,8 +706,9 @@ def print_registry(rows=None) -> None:
     widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(head)]
     for line in [head] + table:
         print("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip())
-    print("\nAny timm model name works too. Weights: --teacher-weights FILE (the family's release file), "
-          "or timm's hub cache when online. embedding: the final pooled output loss.target=embedding distills.")
+    print("\nAny timm model name works too, and any timm model folder: local-dir:DIR, hf-hub:ORG/NAME (its config "
+          "and weights). Weights: --teacher-weights FILE (the family's release file), or timm's hub cache when "
+          "online. embedding: the final pooled output loss.target=embedding distills.")
 
 
 def register(subparsers) -> None:
