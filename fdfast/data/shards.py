@@ -10,8 +10,9 @@ first dot of its base name, WebDataset's rule): ``n01440764_10026.jpg`` (the ima
     data.path = "shards/"                              # a folder holding .tar files (sorted by name)
 
 Indexing: every shard is read once, member by member (tarfile), and each image is checked like a file of an
-image folder (``data.check``: magic bytes + end marker + header size, or a full decode); the index (offsets,
-sizes, image sizes, labels, bad members) is cached in $FDFAST_CACHE/shards keyed by path, size and mtime. Bad
+image folder (``data.check``: magic bytes + end marker + header size, or a full decode; "off" still parses each
+header, whose image size the crops are drawn from); the index (offsets, sizes, image sizes, labels, bad members)
+is cached in $FDFAST_CACHE/shards (or data.cache_dir) keyed by path, size and mtime. Bad
 members (non-images, truncated, undecodable headers) and damaged tars (a corrupt header ends the shard there)
 are skipped and counted as bad files are.
 
@@ -52,6 +53,7 @@ MANIFEST = "shards.json"  # written by `fdfast shards` beside the shards: class 
 INDEX_VERSION = 1  # part of the cache key: a changed index format re-indexes
 IMAGE_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)  # member extensions that are images
 OPEN_SHARDS = 64  # open file handles per process (a data set may have thousands of shards)
+INDEX_THREADS = 8  # shards indexed at once
 
 
 # ---- which shards a spec names ------------------------------------------------------------------------------
@@ -284,7 +286,10 @@ class ShardList(FileList):
 
 def list_shards(paths: list[str], *, labeled: bool = False, check: str = "fast", cache_dir=None) -> ShardList:
     """Index every shard (cached) and gather the readable samples; labeled=True needs a .cls member per sample."""
-    indexes = [index_shard(p, check, cache_dir) for p in paths]
+    from concurrent.futures import ThreadPoolExecutor
+    # shards index independently; threads overlap their reads (a network file system's latency, above all)
+    with ThreadPoolExecutor(max_workers=min(INDEX_THREADS, len(paths))) as pool:
+        indexes = list(pool.map(lambda p: index_shard(p, check, cache_dir), paths))
     keys, exts, labels, bad = [], [], [], []
     counts = []
     for path, index in zip(paths, indexes):
