@@ -354,3 +354,15 @@ def test_a_run_on_shards_resumes_bitwise(tmp_path, teacher_file, shard_spec):
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
     sa, sb = load_file(str(straight / "student.safetensors")), load_file(str(split / "student.safetensors"))
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_DALI and torch.cuda.is_available()), reason="needs DALI and a CUDA device")
+def test_dali_shards_decode_on_the_gpu(shard_spec):
+    loader = build_labeled_loader(_cfg(shard_spec, "dali"), image_size=SIZE, mean=MEAN, std=STD, batch_size=4,
+                                  device="cuda")
+    cpu = _labeled(shard_spec, "dali")
+    for _ in range(5):
+        (x, y), (xc, yc) = next(loader), next(cpu)
+        assert x.is_cuda and y.is_cuda and torch.equal(y.cpu(), yc)  # the same samples in the same order
+        assert (x.cpu() - xc).abs().mean() < 0.05  # nvJPEG and the CPU decoder agree to a few grey levels
