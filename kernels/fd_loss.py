@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from .reference import LOSS_KINDS, fd_loss_reference
-from .utils import (autocast_dtype, compute_dtype, dot_precision, mm_fp32_accumulate, tl, tl_accumulator, triton,
-                    triton_usable)
+from .utils import (autocast_dtype, compute_dtype, dot_precision, launch, mm_fp32_accumulate, tl, tl_accumulator,
+                    triton, triton_usable)
 
 
 BACKENDS = ("auto", "triton", "torch", "reference")
@@ -135,7 +135,9 @@ if triton is not None:
             s = tl.load(S + rows[:, None] * CS + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             # W is [Ct, Cs] row-major: this reads the transposed tile W^T[ks, cols] = [BLOCK_K, BLOCK_N]
             w = tl.load(W + cols[None, :] * CS + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-            pred = tl.dot(s, w.to(s.dtype), pred, input_precision=DOT_PRECISION)  # tensor cores for 16-bit S
+            # tensor cores for 16-bit S; out_dtype names the accumulator (fp64 for fp64 inputs: Triton 3.6 asserts
+            # acc's type == out_dtype, whose default is fp32)
+            pred = tl.dot(s, w.to(s.dtype), pred, input_precision=DOT_PRECISION, out_dtype=ACC)
         if HAS_BIAS:
             pred += tl.load(Bias + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
         ok = row_ok[:, None] & col_ok[None, :]
@@ -182,7 +184,7 @@ if triton is not None:
             col_ok = cols < CT
             g = tl.load(G + rows[:, None] * CT + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
             w = tl.load(W + cols[:, None] * CS + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = tl.dot(g, w.to(g.dtype), acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(g, w.to(g.dtype), acc, input_precision=DOT_PRECISION, out_dtype=ACC)
         scale = tl.load(Scale).to(ACC)
         tl.store(DS + rows[:, None] * CS + ks[None, :], (acc * scale).to(DS.dtype.element_ty),
                  mask=row_ok[:, None] & k_ok[None, :])
@@ -234,18 +236,17 @@ class _FDLossTriton(torch.autograd.Function):
         if whiten:
             mean, rstd = torch.empty(M, device=S.device, dtype=acc), torch.empty(M, device=S.device, dtype=acc)
             cfg = _tile_config("stats", S)
-            _fd_row_stats_kernel[(triton.cdiv(M, cfg["BLOCK_M"]),)](T, mean, rstd, M, CT, eps,
-                                                                    ACC=tl_accumulator(S.dtype), **cfg)
+            launch(_fd_row_stats_kernel, (triton.cdiv(M, cfg["BLOCK_M"]),), (T, mean, rstd, M, CT, eps),
+                   dict(ACC=tl_accumulator(S.dtype), **cfg), S.device)
         cfg = _tile_config("fwd", S)
         tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(CT, cfg["BLOCK_N"])
         partial = torch.empty(tiles, device=S.device, dtype=acc)
         G = torch.empty((M, CT), device=S.device, dtype=S.dtype) if store_grad else partial  # unused if not stored
-        _fd_loss_fwd_kernel[(tiles,)](
-            S, T, W, b if b is not None else S, mean, rstd, G, partial, M, CS, CT,
-            beta, 1.0 / beta if beta > 0 else 0.0,
-            HAS_BIAS=b is not None, WHITEN=whiten, LOSS=_loss_code(kind, beta), STORE_GRAD=store_grad,
-            ACC=tl_accumulator(S.dtype), DOT_PRECISION=dot_precision(S), **cfg,
-        )
+        launch(_fd_loss_fwd_kernel, (tiles,),
+               (S, T, W, b if b is not None else S, mean, rstd, G, partial, M, CS, CT,
+                beta, 1.0 / beta if beta > 0 else 0.0),
+               dict(HAS_BIAS=b is not None, WHITEN=whiten, LOSS=_loss_code(kind, beta), STORE_GRAD=store_grad,
+                    ACC=tl_accumulator(S.dtype), DOT_PRECISION=dot_precision(S), **cfg), S.device)
         if store_grad:
             ctx.save_for_backward(G, S, W)
         ctx.bias_dtype = b.dtype if b is not None else None
@@ -265,8 +266,8 @@ class _FDLossTriton(torch.autograd.Function):
             dS = torch.empty_like(S)
             cfg = _tile_config("dS", S)
             grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(CS, cfg["BLOCK_K"]),)
-            _fd_loss_dS_kernel[grid](G, W, scale, dS, M, CS, CT, ACC=tl_accumulator(S.dtype),
-                                     DOT_PRECISION=dot_precision(S), **cfg)
+            launch(_fd_loss_dS_kernel, grid, (G, W, scale, dS, M, CS, CT),
+                   dict(ACC=tl_accumulator(S.dtype), DOT_PRECISION=dot_precision(S), **cfg), S.device)
         if need_dW:
             dW = mm_fp32_accumulate(G.t(), S).mul_(scale).to(W.dtype)  # [Ct, Cs]
         if need_db:

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .reference import rpb_attention_reference
-from .utils import (batch_chunks, dot_precision, exact_bf16_products, next_pow2, padded_tokens, tl, triton,
+from .utils import (batch_chunks, dot_precision, exact_bf16_products, launch, next_pow2, padded_tokens, tl, triton,
                     triton_usable)
 
 
@@ -76,10 +76,11 @@ if triton is not None:
     @triton.jit
     def _attn_fwd(Q, K, V, Extra, Out, Lse,
                   s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
-                  H, N, D, W, NP, qk_scale_log2,
+                  B, H, N, D, W, NP, qk_scale_log2,
                   HAS_EXTRA: tl.constexpr, PRECISION: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Grid (B * H, query blocks). Out [B, H, N, D] and Lse [B * H, N] are contiguous."""
+        """Grid (B * H, query blocks). Out [B, H, N, D] and Lse [B * H, N] are contiguous. B is read by the
+        autotuner's key only (the grid decides how many programs share the GPU, so the best tile depends on it)."""
         pid_bh = tl.program_id(0)
         b = (pid_bh // H).to(tl.int64)  # int64: B * strides can pass 2**31
         h = pid_bh % H
@@ -203,11 +204,11 @@ if triton is not None:
     @triton.jit
     def _attn_bwd_dkdv(Q, K, V, Extra, dOut, Lse, Delta, dK, dV,
                        s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
-                       s_gb, s_gh, s_gn, s_gd, H, N, D, W, NP, sm_scale, qk_scale_log2,
+                       s_gb, s_gh, s_gn, s_gd, B, H, N, D, W, NP, sm_scale, qk_scale_log2,
                        HAS_EXTRA: tl.constexpr, PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         """dv = P^T dO and dk = scale * dS^T q for one key block, looping over all query blocks.
-        Grid (B*H, key blocks)."""
+        Grid (B*H, key blocks); B only for the autotuner's key."""
         pid_bh = tl.program_id(0)
         b = (pid_bh // H).to(tl.int64)
         h = pid_bh % H
@@ -354,8 +355,11 @@ def _tuned(kernel: str, fn, reset_to_zero=None):
 
     every = [triton.Config({} if kernel == "small" else {"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
              for bm, bn, w, s, _ in TUNE_CONFIGS[kernel]]
-    # key: (N, head dim, bias/mask present, windows); the autotuner adds every tensor argument's dtype
-    key = ["N", "BLOCK_D", "HAS_EXTRA", "W"] + (["DKDV"] if kernel == "small" else [])
+    # key: the batch (it sets how many programs share the GPU), N, head dim, bias/mask present, windows, and the
+    # flags that change the kernel's work (STORE_DBIAS: the dbias atomics / stores); the autotuner adds every
+    # tensor argument's dtype. Every name must be an argument of ``fn``: Triton skips unknown names silently.
+    key = ["B", "N", "BLOCK_D", "HAS_EXTRA", "W"] + {"small": ["DKDV", "STORE_DBIAS"], "dq": ["STORE_DBIAS"]}.get(
+        kernel, [])
     return triton.autotune(every, key=key, prune_configs_by={"early_config_prune": prune},
                            reset_to_zero=reset_to_zero)(fn)
 
@@ -365,6 +369,24 @@ if triton is not None:
     _attn_bwd_dkdv_tuned = _tuned("dkdv", _attn_bwd_dkdv)
     _attn_bwd_dq_tuned = _tuned("dq", _attn_bwd_dq, reset_to_zero=["DBiasPart"])  # it accumulates
     _attn_bwd_small_tuned = _tuned("small", _attn_bwd_small)
+    TUNED = {"attn_fwd": _attn_fwd_tuned, "attn_bwd_dkdv": _attn_bwd_dkdv_tuned, "attn_bwd_dq": _attn_bwd_dq_tuned,
+             "attn_bwd_small": _attn_bwd_small_tuned}
+
+
+def autotune_choices() -> list:
+    """What the autotuners chose in this process: one dict per (kernel, key) with the key's named values and the
+    chosen tiles, warps and stages. Benches and bench/gpu_check.sh record it beside their timings (another
+    process may choose differently, see the module docstring)."""
+    rows = []
+    for name, tuner in (TUNED.items() if triton is not None else ()):
+        names = [k for k in tuner.keys if k in tuner.arg_names]
+        for key, cfg in tuner.cache.items():
+            named = dict(zip(names, key[:len(names)]))
+            rows.append(dict(kernel=name, key={k: v if isinstance(v, (int, float, bool)) else str(v)
+                                                for k, v in named.items()},
+                             dtypes=[str(d) for d in key[len(names):]], config=dict(cfg.kwargs),
+                             num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    return rows
 
 
 def _explicit_tiles(N: int, device: torch.device, override: tuple) -> dict | None:
@@ -378,11 +400,11 @@ def _explicit_tiles(N: int, device: torch.device, override: tuple) -> dict | Non
 
 
 def _run(fn, tuned, grid, args, flags, tiles):
-    """Launch ``fn`` with fixed ``tiles``, or its autotuned twin when tiles is None."""
+    """Launch ``fn`` with fixed ``tiles``, or its autotuned twin when tiles is None, on args[0]'s device."""
     if tiles is None:
-        tuned[grid](*args, **flags)
+        launch(tuned, grid, args, flags, args[0].device)
     else:
-        fn[grid](*args, **flags, **tiles)
+        launch(fn, grid, args, dict(flags, **tiles), args[0].device)
 
 
 def _extra_table(bias, mask, H: int, N: int, NP: int):
@@ -415,7 +437,7 @@ class _RPBAttentionTriton(torch.autograd.Function):
         tiles = (dict(BLOCK_M=P, BLOCK_N=P, num_warps=4, num_stages=1) if small
                  else _explicit_tiles(N, q.device, (block_m, block_n)))
         args = (q, k, v, extra if extra is not None else lse, out, lse, *q.stride(), *k.stride(), *v.stride(),
-                H, N, D, W, NP, scale * LOG2E)
+                B, H, N, D, W, NP, scale * LOG2E)
         flags = dict(HAS_EXTRA=extra is not None, PRECISION=dot_precision(q), BLOCK_D=BD)
         _run(_attn_fwd, _attn_fwd_tuned, lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_M"])), args, flags, tiles)
         ctx.save_for_backward(q, k, v, extra, out, lse)
@@ -454,7 +476,7 @@ class _RPBAttentionTriton(torch.autograd.Function):
             _run(_attn_bwd_delta, None, (B * H, triton.cdiv(N, bm)), (out, dout, delta, *dout.stride(), H, N, D),
                  {}, dict(BLOCK_M=bm, BLOCK_D=BD))
             _run(_attn_bwd_dkdv, _attn_bwd_dkdv_tuned, lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_N"])),
-                 (q, k, v, extra_arg, dout, lse, delta, dk, dv, *strides, *common[1:]), flags, tiles)
+                 (q, k, v, extra_arg, dout, lse, delta, dk, dv, *strides, *common), flags, tiles)
             if store_dbias:
                 blocks = triton.cdiv(N, DELTA_BLOCK_M)
                 C = min(B, ctx.num_chunks) if ctx.num_chunks else batch_chunks(B, H * blocks, q.device)
@@ -590,7 +612,8 @@ class _CpuLowPrecisionAttention(torch.autograd.Function):
         dv = torch.bmm(p3.transpose(1, 2), g).view(B, H, N, D) if ctx.needs_input_grad[2] else None
         dp = torch.bmm(g, _heads_first(v).transpose(1, 2))
         ds = torch._softmax_backward_data(dp, p3, -1, q.dtype)  # P (dP - rowsum(dP P))
-        dbias = ds.view(B, H, N, N).sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[3] else None
+        # fp32 sum over the batch: one table collects every image's (and, in the model, every block's) gradient
+        dbias = ds.view(B, H, N, N).sum(0, dtype=torch.float32).to(ctx.bias_dtype) if ctx.needs_input_grad[3] else None
         dq = torch.bmm(ds, _heads_first(k)).mul_(ctx.scale).view(B, H, N, D) if ctx.needs_input_grad[0] else None
         dk = (torch.bmm(ds.transpose(1, 2), _heads_first(q)).mul_(ctx.scale).view(B, H, N, D)
               if ctx.needs_input_grad[1] else None)
@@ -620,6 +643,10 @@ def rpb_attention_triton(q, k, v, bias=None, mask=None, scale=None, block_m=None
     if q.shape[-1] > 128:
         raise ValueError(f"rpb_attention: the Triton kernel takes head dims up to 128, got D = {q.shape[-1]}; "
                          f"use backend='sdpa' for wider heads")
+    if q.is_cuda and q.dtype == torch.float64:
+        # the kernels keep fp32 softmax state and accumulators (no fp64 tensor cores to feed anyway)
+        raise ValueError("rpb_attention: the Triton kernel takes fp32 / fp16 / bf16 on CUDA, got float64; use "
+                         "backend='reference' (or 'auto', which takes it for fp64)")
     for name, blk in (("block_m", block_m), ("block_n", block_n)):
         if blk is not None and (blk < 16 or blk & (blk - 1)):
             raise ValueError(f"rpb_attention: {name} must be a power of two >= 16, got {blk}")
@@ -645,8 +672,10 @@ def rpb_attention(q, k, v, bias=None, mask=None, scale=None, backend="auto"):
     if backend == "auto":
         # without bias and mask PyTorch's own flash kernel (SDPA) is already the fastest exact attention
         has_extra = bias is not None or mask is not None
-        fits = q.dim() == 4 and q.shape[-1] <= 128
+        fits = q.dim() == 4 and q.shape[-1] <= 128 and q.dtype != torch.float64
         backend = "triton" if (q.device.type == "cuda" and triton is not None and has_extra and fits) else "sdpa"
+        if q.device.type == "cuda" and q.dtype == torch.float64:
+            backend = "reference"  # fp64 (checks, gradcheck): the exact specification, not fp32 kernels
         if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
             check_rpb_inputs(q, k, v, bias, mask)
             return _cpu_low_precision_attention(q, k, v, bias, mask, scale)

@@ -96,6 +96,18 @@ def exact_bf16_products(dtype: torch.dtype):
         precision.fp32_precision = before
 
 
+def launch(kernel, grid, args: tuple, meta: dict, device: torch.device) -> None:
+    """``kernel[grid](*args, **meta)`` with ``device`` made the current CUDA device for the launch.
+
+    Triton launches on the *current* device and stream, not on the tensors' device: without the guard a process
+    whose current device is cuda:0 would run a kernel for cuda:1 tensors on the wrong GPU. Every fdfast launch
+    goes through here (``kernel`` is a ``triton.jit`` function or its autotuned twin), which is also the one
+    place tools hook to see the launches (bench/gpu_budget.py records them instead of running them).
+    """
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        kernel[grid](*args, **meta)
+
+
 def next_pow2(n: int, minimum: int = 16) -> int:
     """Smallest power of two >= n and >= minimum (tl.arange sizes; tl.dot needs >= 16)."""
     return max(minimum, 1 << max(0, int(n) - 1).bit_length())

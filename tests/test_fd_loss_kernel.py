@@ -13,6 +13,7 @@ import fdfast.kernels.fd_loss as fd
 from fdfast.kernels.fd_loss import fd_loss
 from fdfast.kernels.reference import fd_loss_reference
 from fdfast.loss import FDLoss
+from helpers_gpu_cases import gpu_params
 
 # max |kernel - fp64 reference| / max |reference|, per input dtype (forward loss and every gradient)
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float64: 1e-12}
@@ -276,11 +277,19 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+# The GPU cases, as tables bench/gpu_budget.py also reads (it counts the compiles they cost on a cold machine).
+# Core (bench/gpu_check.sh runs these first): bf16, the training dtype, at ViT-B (batch 256) and at ViT-L/14's 257
+# tokens with an odd Ct, and fp32 once (the small-tile, non-tensor-core configs of every kernel). Extra (ids
+# "extra-...", run when the GPU window has time left): an awkward shape in bf16 and fp16.
+FD_GPU_CASES = [((256, 197, 768, 768), torch.bfloat16), ((2, 257, 1024, 1000), torch.bfloat16),
+                ((3, 197, 24, 40), torch.float32)]
+FD_GPU_EXTRA_CASES = [((3, 197, 24, 40), torch.bfloat16), ((3, 197, 24, 40), torch.float16)]
+FD_GPU_AUTOCAST_SHAPE = (64, 197, 384, 768)  # fp32 student tokens under bf16 autocast, as training calls it
+
+
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("shape", [(256, 197, 768, 768), (3, 197, 24, 40), (2, 257, 1024, 1000)],
-                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape,dtype", gpu_params(FD_GPU_CASES, FD_GPU_EXTRA_CASES))
 def test_gpu_matches_fp64_reference(shape, dtype, monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # fp32 tolerance needs IEEE products
     S, T, W, b = make_inputs(*shape, dtype, device="cuda")
@@ -314,7 +323,8 @@ def test_gpu_auto_is_triton_and_lean():
 @pytest.mark.parametrize("kind", ["smooth_l1", "l2"])
 def test_gpu_autocast_bf16_uses_bf16_operands(kind):
     """Under bf16 autocast the fused loss equals the fp64 loss of bf16-rounded S, W, b (tensor-core path)."""
-    S, T, W, b = make_inputs(64, 197, 384, 768, torch.float32, device="cuda")
+    S, T, W, b = make_inputs(*FD_GPU_AUTOCAST_SHAPE, torch.float32, device="cuda")
+    T = T.bfloat16()  # the teacher runs in bf16 in training: its tokens arrive in bf16
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss, grads = loss_and_grads(fd_loss, S, T, W, b, backend="triton", kind=kind)
     assert [g.dtype for g in grads] == [torch.float32] * 3

@@ -3,7 +3,8 @@
     python bench/run.py --suite attention [--device cpu|cuda] [--quick]
 
 Providers (each learns the bias, i.e. dbias is computed in "bwd" / "full"):
-- fdfast           ``rpb_attention(backend="auto")``: the Triton kernel on CUDA, SDPA on the CPU
+- fdfast           ``rpb_attention(backend="auto")``: the Triton kernel on CUDA; on the CPU SDPA in fp32 (the row's
+                   ``path`` is what the call really ran, see ``bench/suites/paths.py``)
 - sdpa_math        SDPA's math backend, bias as a broadcast [1, H, N, N] float mask
 - sdpa_efficient   (CUDA) SDPA's memory-efficient backend with the bias as a broadcast float mask (materialised
                    to [B, H, N, N] only if the kernel refuses the broadcast)
@@ -20,19 +21,33 @@ Shapes (CUDA, issue 12): ViT-B (B = 128, H = 12, N = 197, D = 64) and Swin windo
 shift mask) at N = 49 (7 x 7 windows, 64 per image: the small-N kernels) and N = 196 (14 x 14, 16 per image);
 --quick keeps ViT-B and the N = 49 windows. CPU: ViT-S/B/L14 and a SwinV2-B stage-1 window layer at small batches.
 
+What the learned bias costs (suite rows ``bias_cost``; the Triton path, at ViT-B on CUDA): the forward with and
+without the bias, and the backward with and without its gradient (STORE_DBIAS: the dq kernel's dbias atomics
+and the partials' sum), with each Triton kernel's own device time from ``torch.profiler`` (``kernel_ms``: dq
+with / without STORE_DBIAS). On the CPU these rows run at a small shape only where Triton can run
+(TRITON_INTERPRET=1, as ``bench/gpu_check.sh --dry-run`` sets): they prove the code, their times mean nothing.
+The autotuners' choices go to ``attention_autotune.json`` beside the rows.
+
 GPU goals (issue 12; to check when a GPU is lent): bf16 full (fwd + bwd with dbias) >= 1.3x ``sdpa_efficient``
 and >= 1.2x ``flex`` at both shapes; deterministic dbias; activation memory per layer beyond q, k, v, o and the
 log-sum-exp under 5 MB (``saved_mb`` of fdfast minus 4 x the q size).
 """
 from __future__ import annotations
 
+import json
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
+from bench.suites.paths import dispatched
 from fdfast.functional import rpb_attention
+from fdfast.kernels import rpb_attention as rpb_module
+from fdfast.kernels.utils import triton_usable
+
+# (B, H, N, D) of the bias-cost rows: ViT-B at the training batch on CUDA; a small ViT-B-like shape on the CPU
+BIAS_COST_SHAPES = {"cuda": [(128, 12, 197, 64)], "cpu": [(2, 2, 197, 64)]}
 
 
 def shapes(device: str, quick: bool):
@@ -189,7 +204,6 @@ def run(ctx):
     if device == "cuda":
         reps, warmup = (10, 3) if ctx.quick else (30, 10)
     found = providers(device, ctx.quick)
-    fdfast_path = "triton" if device == "cuda" else "sdpa"  # what rpb_attention(backend="auto") runs here
     for shape, B, H, N, D, W in shapes(device, ctx.quick):
         g = torch.Generator().manual_seed(0)
         q, k, v = (torch.randn(B, H, N, D, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
@@ -197,6 +211,7 @@ def run(ctx):
         mask = None
         if W:
             mask = torch.where(torch.rand(W, N, N, generator=g) < 0.3, -100.0, 0.0).to(device, dtype)
+        fdfast_path = dispatched("attention", lambda: found["fdfast"](q, k, v, bias, mask))
         # --quick on CUDA (one GPU window): forward + backward with dbias only, the figure the goals name
         for mode in ("full",) if ctx.quick and device == "cuda" else ("fwd", "bwd", "full"):
             steps = {}
@@ -219,3 +234,64 @@ def run(ctx):
                            provider=name, path=fdfast_path if name == "fdfast" else None, ms=ms, ms_min=ms_min,
                            speedup=ms_min / fdfast_min if fdfast_min else None,  # provider / fdfast (min times)
                            peak_mb=peak_mb(steps[name], device), saved_mb=saved_mb)
+    bias_cost(ctx, dtype, reps, warmup)
+    choices = rpb_module.autotune_choices()
+    if choices:  # CUDA only: what the autotuners picked for every key the suite met
+        (ctx.results / "attention_autotune.json").write_text(json.dumps(choices, indent=1) + "\n")
+
+
+def kernel_device_ms(step) -> dict:
+    """{Triton kernel name: device ms} of one call of ``step`` (CUDA), from torch.profiler's kernel events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    found = {}
+    for event in prof.key_averages():
+        if "_attn_" in event.key:
+            total = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+            found[event.key] = round(total / 1e3, 4)  # us -> ms
+    return found
+
+
+def bias_cost(ctx, dtype, reps, warmup):
+    """The Triton path with and without the learned bias (forward) and its gradient (backward: STORE_DBIAS)."""
+    device = ctx.device
+    if not triton_usable(torch.device(device)):
+        print(f"bench attention: bias_cost rows need CUDA or TRITON_INTERPRET=1 on the CPU; skipped on {device}")
+        return
+    if device == "cpu":
+        reps, warmup = 1, 0  # interpreted kernels: the rows prove the code runs, their times mean nothing
+    for B, H, N, D in BIAS_COST_SHAPES[device]:
+        g = torch.Generator().manual_seed(1)
+        q, k, v = (torch.randn(B, H, N, D, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
+        bias = torch.randn(H, N, N, generator=g).to(device, dtype)
+        learned, frozen = bias.clone().requires_grad_(), bias
+        dout = torch.randn_like(q)
+
+        def triton_attention(table):
+            return rpb_attention(q, k, v, table, None, backend="triton")
+
+        def forward(table):
+            def step():
+                with torch.no_grad():
+                    triton_attention(table)
+            return step
+
+        def backward(table):
+            out = triton_attention(table)
+            wrt = (q, k, v) + ((table,) if table.requires_grad else ())
+            return lambda: torch.autograd.grad(out, wrt, dout, retain_graph=True)
+
+        variants = {("fwd", "bias"): forward(frozen), ("fwd", "no_bias"): forward(None),
+                    ("bwd", "dbias"): backward(learned), ("bwd", "no_dbias"): backward(frozen)}
+        paths = {key: dispatched("attention", step) for key, step in variants.items()}
+        timings = time_interleaved({key: step for key, step in variants.items()}, device, reps, warmup)
+        for (mode, variant), (ms, ms_min) in timings.items():
+            base = timings[(mode, "bias" if mode == "fwd" else "dbias")][1]
+            ctx.record(shape="vit_b" if device == "cuda" else "vit_b_small", B=B, H=H, N=N, D=D, windows=0,
+                       dtype=str(dtype).split(".")[-1], mode=mode, provider=f"bias_cost:{variant}",
+                       path=paths[(mode, variant)], ms=ms, ms_min=ms_min,
+                       speedup=ms_min / base if base else None,  # variant / with-bias (min times)
+                       kernel_ms=kernel_device_ms(variants[(mode, variant)]) if device == "cuda" else None)

@@ -2,7 +2,9 @@
 
 On CUDA every provider runs as training calls it: fp32 student tokens (the final norm's output) and an fp32
 projection under ``torch.autocast("cuda", bfloat16)``, so the eager and compiled baselines take bf16 tensor-core
-matmuls too (F.linear autocasts) and fdfast casts to bf16 as F.linear would (rows say ``autocast: bf16``).
+matmuls too (F.linear autocasts) and fdfast casts to bf16 as F.linear would (rows say ``autocast: bf16``). The
+teacher tokens are bf16 on every device: training keeps the frozen teacher in bf16 (``teacher_dtype`` in rows).
+The fdfast row's ``backend`` is the path its call really took (``bench/suites/paths.py``), not a prediction.
 
 Times: median, 20 / 80 % quantiles and minimum in ms (``triton.testing.do_bench`` on CUDA; on the CPU a timer
 loop where the providers take turns, plus the median process CPU time ``cpu_ms``, which other users' load on
@@ -20,7 +22,8 @@ import time
 
 import torch
 
-from fdfast.kernels.fd_loss import fd_loss, resolve_backend
+from bench.suites.paths import dispatched
+from fdfast.kernels.fd_loss import fd_loss
 from fdfast.kernels.reference import fd_loss_reference
 
 # name: (batch, tokens, Cs, Ct) at the batch sizes FD trains with on one GPU
@@ -32,12 +35,18 @@ SHAPES = {
 QUICK_CPU_BATCH = {"vit_s16": 8, "vit_b16": 4}  # --quick on the CPU: two shapes, small batches (~1 minute)
 CPU_BATCH = {"vit_s16": 32, "vit_b16": 16, "vit_l14": 8}  # full CPU run: real widths, batches that fit 2 cores
 MODES = ("forward", "backward", "full")
+TEACHER_DTYPE = torch.bfloat16  # the frozen teacher runs in bf16 in training: its tokens arrive in bf16
+
+
+def cuda_shapes(quick: bool) -> dict:
+    """The CUDA shapes: ViT-B alone in --quick (one GPU window), every width otherwise."""
+    return {"vit_b16": SHAPES["vit_b16"]} if quick else dict(SHAPES)
 
 
 def _inputs(B, N, CS, CT, dtype, device):
     gen = torch.Generator(device="cpu").manual_seed(0)
     S = torch.randn(B, N, CS, generator=gen).to(device, dtype).requires_grad_()
-    T = (torch.randn(B, N, CT, generator=gen) * 2 + 0.5).to(device, dtype)
+    T = (torch.randn(B, N, CT, generator=gen) * 2 + 0.5).to(device, TEACHER_DTYPE)
     W = (torch.randn(CT, CS, generator=gen) / CS**0.5).to(device, dtype).requires_grad_()
     b = torch.zeros(CT).to(device, dtype).requires_grad_()
     return S, T, W, b
@@ -168,8 +177,8 @@ def _first_calls(providers, inputs):
 
 def _bench_shape(ctx, name, B, N, CS, CT, dtype, providers, modes=MODES):
     inputs = _inputs(B, N, CS, CT, dtype, ctx.device)
-    first = _first_calls(providers, inputs)
-    fdfast_backend = resolve_backend(inputs[0], "triton" if ctx.device == "cuda" else "auto")
+    first = _first_calls(providers, inputs)  # first: its time includes compiling
+    fdfast_backend = dispatched("loss", lambda: providers["fdfast"](*inputs))
     for mode in modes:
         steps = {provider: _step(loss_fn, inputs, mode) for provider, loss_fn in providers.items()}
         if ctx.device == "cuda":
@@ -190,7 +199,7 @@ def _bench_shape(ctx, name, B, N, CS, CT, dtype, providers, modes=MODES):
                 cpu_speedup_vs_eager=eager_t[4] / cpu_ms if cpu_ms else None,
                 peak_mib=peaks[provider] / 2**20, mem_vs_eager=peaks[provider] / eager_peak if eager_peak else None,
                 mem_method=mem_method, first_call_s=first[provider][0], loss_rel_err=first[provider][1],
-                autocast="bf16" if ctx.device == "cuda" else None,
+                autocast="bf16" if ctx.device == "cuda" else None, teacher_dtype=str(TEACHER_DTYPE).split(".")[-1],
             )
         del steps
         if ctx.device == "cuda":
@@ -201,7 +210,7 @@ def run(ctx) -> None:
     torch.manual_seed(0)
     if ctx.device == "cuda":
         dtypes = (torch.float32,)  # fp32 tokens and projection, as they arrive under autocast
-        shapes = {"vit_b16": SHAPES["vit_b16"]} if ctx.quick else SHAPES
+        shapes = cuda_shapes(ctx.quick)
     else:
         dtypes = (torch.float32,)  # CPU training runs in fp32 (bf16 matmuls are slow on these cores)
         batches = QUICK_CPU_BATCH if ctx.quick else CPU_BATCH
