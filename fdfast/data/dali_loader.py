@@ -247,7 +247,6 @@ class DaliShardLoader(DaliFDLoader):
     One pipeline per epoch (or per resume / recovery position): its "plan" is this rank's samples from the
     position to the end of the epoch, bad samples replaced by the next readable one (the torch path's rule).
     """
-    name = "dali"
 
     def __init__(self, files, order, **kw):
         super().__init__(files, order, **kw)
