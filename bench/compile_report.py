@@ -112,14 +112,23 @@ def ast_source(jit, specs, consts):
 
 
 def spec_text(jit, specs, args) -> str:
-    """The run-time specialisation of the integer arguments, e.g. 'N=197 NP=208/16 W=1c s_qd=1c'."""
+    """The run-time specialisation of the integer arguments: 'N=197 NP=208/16 W=1c' (/16: divisible by 16, c: the
+    constant 1). Strides are summarised: 'strides /16' when every one but the unit strides divides by 16."""
     names = [p.name for p in jit.params if not p.is_constexpr]
-    out = []
+    sizes, odd_strides, unit = [], [], 0
     for name, (kind, attr), arg in zip(names, specs, args):
         if isinstance(arg, bool) or not isinstance(arg, int):
             continue
-        out.append(f"{name}={arg}" + ("c" if kind == "constexpr" else "/16" if attr == "D" else ""))
-    return " ".join(out)
+        text = f"{name}={arg}" + ("c" if kind == "constexpr" else "/16" if attr == "D" else "")
+        if not name.startswith("s_"):
+            sizes.append(text)
+        elif kind == "constexpr":
+            unit += 1
+        elif attr != "D":
+            odd_strides.append(text)
+    strides = (f"strides /16 ({unit} unit)" if not odd_strides else " ".join(odd_strides)) if unit or odd_strides \
+        else ""
+    return " ".join(sizes + ([strides] if strides else []))
 
 
 def ptxas_usage(ptx: str) -> tuple[int, int]:
@@ -142,23 +151,33 @@ def tensor_cores(ptx: str) -> str:
     return "mma.sync" if re.search(r"\bmma\.sync\b", ptx) else "none"
 
 
+def identity(c: dict) -> dict:
+    """What names a recorded launch in the report: kernel, workload, dtype, tiles, other constexprs, warps, stages."""
+    consts = c["consts"]
+    tiles = {k: v for k, v in consts.items() if k.startswith("BLOCK") or k == "GROUP_M"}
+    flags = {k: (v if isinstance(v, (bool, int, str)) else str(v)) for k, v in consts.items() if k not in tiles}
+    label, dtype_name = c["label"]
+    return dict(kernel=c["name"].lstrip("_"), workload=label, dtype=dtype_name, tiles=tiles, flags=flags,
+                num_warps=c["num_warps"], num_stages=c["num_stages"])
+
+
+def row_key(row: dict) -> str:
+    return json.dumps({k: row[k] for k in ("kernel", "workload", "dtype", "tiles", "flags", "num_warps",
+                                           "num_stages")}, sort_keys=True)
+
+
 def compile_one(c: dict) -> dict:
     """Compile one recorded launch for sm_90 and read what it uses."""
-    jit, specs, consts, warps, stages = c["jit"], c["specs"], c["consts"], c["num_warps"], c["num_stages"]
+    jit, specs = c["jit"], c["specs"]
     start = time.perf_counter()
-    compiled = triton.compile(ast_source(jit, specs, consts), target=TARGET,
-                              options=dict(num_warps=warps, num_stages=stages))
+    compiled = triton.compile(ast_source(jit, specs, c["consts"]), target=TARGET,
+                              options=dict(num_warps=c["num_warps"], num_stages=c["num_stages"]))
     ptx = compiled.asm["ptx"]
     regs, spill = ptxas_usage(ptx)
     shared = int(compiled.metadata.shared)
-    tiles = {k: v for k, v in consts.items() if k.startswith("BLOCK") or k == "GROUP_M"}
-    flags = {k: (v if isinstance(v, (bool, int, str)) else str(v)) for k, v in consts.items() if k not in tiles}
     pointers = {p.name: kind[1:] for p, (kind, _) in zip([p for p in jit.params if not p.is_constexpr], specs)
                 if kind.startswith("*")}
-    label, dtype_name = c["label"]
-    return dict(kernel=c["name"].lstrip("_"), workload=label, dtype=dtype_name, pointer_dtypes=pointers,
-                tiles=tiles, flags=flags, num_warps=warps, num_stages=stages,
-                specialisation=spec_text(jit, specs, c["args"]),
+    return dict(identity(c), pointer_dtypes=pointers, specialisation=spec_text(jit, specs, c["args"]),
                 registers=regs, spill_bytes=spill, shared_bytes=shared, tensor_cores=tensor_cores(ptx),
                 ok=spill == 0 and shared <= SM90_MAX_SHARED_BYTES, source_hash=source_hash(jit),
                 triton=triton.__version__, compile_s=round(time.perf_counter() - start, 2))
