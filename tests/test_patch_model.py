@@ -178,3 +178,68 @@ def test_patched_runs_under_cpu_autocast(name):
         got.sum().backward()
     assert (got - ref).abs().max().item() < 0.05  # bf16 rounding through 2 blocks and the final norm
     assert all(p.grad is not None for n, p in fast_model.named_parameters() if "bias_table" in n)
+
+
+# ---- the one home of the class swap (fdfast.fastpath) -----------------------------------------------------------
+
+def test_fast_forward_takes_forward_only_subclasses():
+    from fdfast.fastpath import fast_forward
+    with pytest.raises(TypeError, match="may override forward only.*__init__"):
+        @fast_forward
+        class WithState(nn.Linear):
+            def __init__(self, *args):
+                super().__init__(*args)
+                self.extra = nn.Parameter(torch.zeros(1))  # a key timm's Linear would not load
+
+            def forward(self, x):
+                return super().forward(x)
+    with pytest.raises(TypeError, match="exactly one nn.Module class"):
+        @fast_forward
+        class TwoBases(nn.Linear, nn.ReLU):
+            def forward(self, x):
+                return x
+
+
+def test_swap_forwards_switches_exact_timm_classes_and_refuses_unregistered_ones():
+    from fdfast.fastpath import PackedLinear, pack_linears, swap_forwards
+
+    class UsersLinear(nn.Linear):  # may mean something else by forward: left alone
+        pass
+
+    model = nn.Sequential(nn.Linear(4, 4), UsersLinear(4, 4))
+    assert pack_linears(model) == 1 and type(model[0]) is PackedLinear and type(model[1]) is UsersLinear
+    assert pack_linears(model) == 0
+    with pytest.raises(TypeError, match="not registered"):
+        swap_forwards(model, (UsersLinear,))
+
+
+def test_timm_forward_switches_back_for_a_block_and_restores_after_an_error():
+    from timm.models.beit import Attention as BeitAttention
+
+    from fdfast.fastpath import timm_class, timm_forward
+    model = patch_model(tiny_student("shared"))
+    attn = model.blocks[0].attn
+    assert timm_class(type(attn)) is BeitAttention and timm_class(BeitAttention) is BeitAttention
+    with pytest.raises(RuntimeError, match="inside"), timm_forward(model.modules()):
+        assert type(attn) is BeitAttention
+        raise RuntimeError("inside")
+    assert type(attn) is FastBeitAttention and attn.fdfast_backend == "auto"
+
+
+def test_modules_a_fast_forward_does_not_cover_keep_timms_class():
+    from timm.layers import Mlp
+    from timm.layers.activations import QuickGELU
+    from timm.models.beit import Block
+
+    from fdfast.fastpath import PackedMlp, fuse_residuals, pack_linears
+    conv_mlp = Mlp(8, 16, use_conv=True)  # ConvNeXt's conv_mlp: 1x1 convolutions on [B, C, H, W]
+    quick = Mlp(8, 16, act_layer=QuickGELU)  # OpenAI CLIP
+    normed = Mlp(8, 16, norm_layer=nn.LayerNorm)  # BEiT's scale_mlp
+    gelu = Mlp(8, 16)
+    model = nn.ModuleList([conv_mlp, quick, normed, gelu])
+    pack_linears(model)
+    assert [type(m) for m in model] == [Mlp, Mlp, Mlp, PackedMlp]
+    x = torch.randn(2, 8, 3, 3)
+    assert conv_mlp(x).shape == x.shape  # still timm's forward (the packed one would fail on a 4-d weight)
+    no_layer_scale = Block(dim=16, num_heads=2, init_values=None)
+    assert fuse_residuals(no_layer_scale) == 0 and type(no_layer_scale) is Block

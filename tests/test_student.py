@@ -63,3 +63,32 @@ def test_unknown_model_kwargs_are_errors_not_ignored():
     # YAML "{depth:2}" (no space) parses to the key "depth:2"; timm alone would drop it silently
     with pytest.raises(FDFastError, match=r"teacher.kwargs: VisionTransformer takes no argument 'depth:2'.*space"):
         build_teacher("vit_tiny_patch16_224", weights="random", img_size=32, **{"depth:2": None})
+
+
+@pytest.mark.parametrize("cfg", [ModelConfig(img_size=32, kwargs={"depth": 2}),
+                                 ModelConfig(arch="swinv2", img_size=32, kwargs=dict(embed_dim=16, depths=[2],
+                                                                                     num_heads=[2], window_size=4))],
+                         ids=["vit", "swinv2"])
+def test_fast_student_runs_fdfast_forwards_with_timms_state_dict(cfg):
+    """build_student(fast=True): the attention (and BEiT's residuals) on fdfast's forwards from the start, the
+    backend from the config; its state dict loads strictly into timm's own class built from the export's kwargs."""
+    from timm.models.swin_transformer_v2 import SwinTransformerV2
+
+    from fdfast.attention import FAST_ATTENTION
+    from fdfast.fastpath import FusedResidualBlock, timm_class
+    from fdfast.models.student import vit_student_kwargs
+    from fdfast.models.swinv2 import swinv2_student_kwargs
+    cfg.attention = "reference"
+    fast = build_student(cfg, fast=True)
+    attention = [m for m in fast.modules() if type(m) in FAST_ATTENTION.values()]
+    assert len(attention) == 2 and {m.fdfast_backend for m in attention} == {"reference"}
+    assert sum(type(m) is FusedResidualBlock for m in fast.modules()) == (2 if cfg.arch == "vit" else 0)
+    plain = build_student(cfg)
+    assert [timm_class(type(m)) for m in fast.modules()] == [type(m) for m in plain.modules()]
+    if cfg.arch == "vit":
+        timm_model = Beit(**vit_student_kwargs(cfg.size, cfg.patch_size, cfg.img_size, cfg.drop_path, cfg.pos_bias,
+                                               **cfg.kwargs))
+    else:
+        timm_model = SwinTransformerV2(**swinv2_student_kwargs(cfg.size, cfg.img_size, cfg.drop_path, **cfg.kwargs))
+    timm_model.load_state_dict(fast.state_dict(), strict=True)
+    assert list(timm_model.state_dict()) == list(fast.state_dict())
