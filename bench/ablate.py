@@ -219,7 +219,9 @@ def main(argv=None) -> int:
                                                    runs / "_knn_subset")
 
     from bench.run import environment
-    from fdfast.config import load_config
+    from fdfast import runtime
+    from fdfast.config import RuntimeConfig, load_config
+    runtime.apply(RuntimeConfig())  # the process settings `fdfast train` makes (glibc malloc), once
     env = environment("cpu")
     if args.quick:
         steps = args.steps or 2

@@ -167,7 +167,10 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     import torch
+    from fdfast import runtime
+    from fdfast.config import RuntimeConfig
     from fdfast.data.sources import source_dir
+    runtime.apply(RuntimeConfig())  # the process settings `fdfast train` makes (glibc malloc), once
     t0 = time.perf_counter()
     data = source_dir("demo-labelled")
     res = {"params": dict(p, img_size=IMG, teacher=TEACHER, quick=args.quick), "wall_s": {}, "models": {},

@@ -19,10 +19,9 @@ writes and bit rot (a random corruption slips through with probability 2^-32) at
 """
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import re
-import shutil
 import sys
 import time
 import warnings
@@ -33,16 +32,22 @@ import torch
 from safetensors.torch import load_file, safe_open
 
 from fdfast.errors import FDFastError
-from fdfast.io import atomic_save_safetensors, atomic_write_text  # also used as ckpt.atomic_save_safetensors
+from fdfast.io import atomic_save_safetensors, atomic_write_text
 
 COMMITTED = "COMMITTED"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 STUDENT_META_KEY = "fdfast_model"  # safetensors metadata: JSON of the student's ModelConfig
 DCP_DIR = "dcp"  # the torch.distributed.checkpoint folder inside a step directory
 CHUNK = 1 << 20  # bytes read per CRC update
-# DCP warns on each call without a process group (also from its async writer thread); fdfast reads and writes
-# DCP in one process on purpose (a world of one, export, load_student)
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+
+@contextlib.contextmanager
+def quiet_dcp():
+    """DCP warns on each call without a process group; fdfast reads and writes DCP in one process on purpose
+    (a world of one, export, load_student): scoped to the call, never a process-wide filter."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 # ----------------------------------------------------------------------------- integrity
@@ -55,11 +60,13 @@ def file_record(path: Path) -> dict:
     return {"size": size, "crc32": f"{crc:08x}"}
 
 
-def records(folder: Path, names=None) -> dict:
-    """{relative name: file_record} of ``names`` (default: every file under folder except the marker)."""
+def records(folder: Path, names=None, exclude=()) -> dict:
+    """{relative name: file_record} of ``names`` (default: every file under folder except the marker and the
+    names in ``exclude``)."""
     folder = Path(folder)
     if names is None:
-        names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != COMMITTED)
+        names = sorted(n for n in (str(p.relative_to(folder)) for p in folder.rglob("*")
+                                   if p.is_file() and p.name != COMMITTED) if n not in exclude)
     return {n: file_record(folder / n) for n in names}
 
 
@@ -141,19 +148,6 @@ def _check_safetensors(path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- finding checkpoints
-def split_trainable(tensors: dict) -> tuple[dict, dict]:
-    """(student state dict with timm keys, FDLoss state dict "proj.*") of a checkpoint's model tensors.
-
-    The FDLoss state dict keys are the checkpoint's own ("proj.weight", "proj.bias"); any other key is an error.
-    """
-    student = {k[len("student."):]: v for k, v in tensors.items() if k.startswith("student.")}
-    loss = {k: v for k, v in tensors.items() if k.startswith("proj.")}
-    unknown = sorted(k for k in tensors if not k.startswith(("student.", "proj.")))
-    if unknown:
-        raise FDFastError(f"checkpoint has keys that belong to neither student nor projection: {unknown[:5]}")
-    return student, loss
-
-
 def committed_steps(run_dir: Path) -> list[tuple[int, Path]]:
     """(step, directory) of every checkpoint with a COMMITTED marker (intact or not), oldest first."""
     root = Path(run_dir) / "checkpoints"
@@ -207,60 +201,7 @@ def is_dcp(ckpt_dir: Path) -> bool:
     return (Path(ckpt_dir) / DCP_DIR).is_dir()
 
 
-# ----------------------------------------------------------------------------- full format
-def save_checkpoint(run_dir: Path, step: int, model_tensors: dict, train_state: dict, model_meta: dict,
-                    keep: int = 2) -> Path:
-    """Save step-N atomically: files into a temporary folder, rename it into place, then COMMITTED."""
-    try:
-        tmp = _fresh_tmp(run_dir, step)
-        atomic_save_safetensors(model_tensors, tmp / "model.safetensors",
-                                metadata={STUDENT_META_KEY: json.dumps(model_meta)})
-        _save_train_state(train_state, tmp)
-        return commit(run_dir, step, tmp, records(tmp), "full", keep)
-    except OSError as e:  # a full disk (ENOSPC), a quota, a read-only folder
-        raise unwritable(run_dir, step, e) from None
-
-
-def unwritable(run_dir: Path, step: int, error: OSError) -> FDFastError:
-    """The one-line error for a checkpoint that could not be written; its partial folder is removed first (the
-    committed ones are never touched), so the disk is not left fuller and --resume auto finds the newest."""
-    root = Path(run_dir) / "checkpoints"
-    for partial in (root / f".tmp-step-{step}", root / f"step-{step}"):
-        if partial.is_dir() and not (partial / COMMITTED).is_file():
-            shutil.rmtree(partial, ignore_errors=True)
-    latest = latest_committed(run_dir)
-    return FDFastError(f"cannot write checkpoint step-{step} in {root}: {error.strerror or error}; the newest "
-                       f"committed checkpoint is {latest.name if latest else 'none'}: free space, then --resume auto")
-
-
-def _fresh_tmp(run_dir: Path, step: int) -> Path:
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-step-{step}"  # one name for every rank (DCP); the run-dir lock keeps other runs out
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
-
-
-def _save_train_state(state: dict, folder: Path) -> None:
-    with open(folder / "train_state.pt", "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def commit(run_dir: Path, step: int, tmp: Path, files: dict, fmt: str, keep: int) -> Path:
-    """Rename a finished temporary step folder into place, write its marker last, drop old checkpoints."""
-    final = Path(run_dir) / "checkpoints" / f"step-{step}"
-    if final.exists():  # an uncommitted leftover of a crash at this very step, or a damaged one
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    write_marker(final, files, step=step, format=fmt)
-    for _, old in committed_steps(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
+# ----------------------------------------------------------------------------- reading a step
 def load_checkpoint(ckpt_dir: Path) -> tuple[dict, dict]:
     """(model tensors, train state) of a committed step directory."""
     return load_model_tensors(ckpt_dir), load_train_state(ckpt_dir)
@@ -274,96 +215,6 @@ def load_model_tensors(ckpt_dir: Path) -> dict:
 
 def load_train_state(ckpt_dir: Path) -> dict:
     return torch.load(Path(ckpt_dir) / "train_state.pt", map_location="cpu", weights_only=True)
-
-
-# ----------------------------------------------------------------------------- DCP (sharded) format
-class ShardedSaver:
-    """DCP checkpoints inside the atomic protocol: every rank writes its shards into .tmp-step-N/dcp (in a
-    background thread with ``async_save``); ``wait()`` (a collective: next save, end of run, stop) waits for
-    them, gathers each rank's file records and lets rank 0 rename the folder and write COMMITTED last."""
-
-    def __init__(self, run_dir: Path, rank: int, world_size: int, keep: int, async_save: bool):
-        import torch.distributed as dist
-        self.run_dir, self.rank, self.world, self.keep = Path(run_dir), rank, world_size, keep
-        self.async_save, self.pending = async_save, None
-        # async writes run their own collectives: a separate gloo group keeps them off the training stream
-        self.group = dist.new_group(backend="gloo") if world_size > 1 and async_save else None
-
-    def save(self, step: int, state_dict: dict, train_state: dict | None) -> None:
-        """Start saving step-N (``train_state`` from rank 0; None elsewhere)."""
-        import torch.distributed.checkpoint as dcp
-        self.wait()
-        tmp = self.run_dir / "checkpoints" / f".tmp-step-{step}"
-        try:
-            if self.rank == 0:
-                tmp = _fresh_tmp(self.run_dir, step)
-                _save_train_state(train_state, tmp)
-            self._barrier()
-            where = str(tmp / DCP_DIR)
-            if self.async_save:
-                future = dcp.async_save(state_dict, checkpoint_id=where, process_group=self.group,
-                                        no_dist=self.world == 1)
-            else:
-                dcp.save(state_dict, checkpoint_id=where, no_dist=self.world == 1)
-                future = None
-        except (OSError, dcp.api.CheckpointException) as e:
-            raise self._failed(step, e) from None
-        self.pending = (step, tmp, future)
-        if not self.async_save:
-            self.wait()
-
-    def wait(self) -> Path | None:
-        """Finish the pending save (collective); returns the committed step directory on rank 0."""
-        if self.pending is None:
-            return None
-        step, tmp, future = self.pending
-        self.pending = None
-        if future is not None:
-            from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
-            try:
-                getattr(future, "upload_completion", future).result()
-            except (Exception, CheckpointException) as e:  # the writer thread's OSError, or DCP's wrapper of it
-                raise self._failed(step, e) from None
-        own = sorted(f"{DCP_DIR}/{p.name}" for p in (tmp / DCP_DIR).glob(f"__{self.rank}_*"))
-        files = self._gather(records(tmp, own))
-        if self.rank != 0:
-            self._barrier()
-            return None
-        rest = [n for n in records_names(tmp) if n not in files]  # DCP's .metadata, train_state.pt
-        files.update(records(tmp, rest))
-        final = commit(self.run_dir, step, tmp, dict(sorted(files.items())), "dcp", self.keep)
-        self._barrier()
-        return final
-
-    def _failed(self, step: int, e: Exception) -> FDFastError:
-        """One line, as for the full format; the partial folder is removed, committed ones stay."""
-        err = e if isinstance(e, OSError) else OSError(str(e).strip().splitlines()[-1] if str(e).strip() else repr(e))
-        return unwritable(self.run_dir, step, err)
-
-    def _gather(self, mine: dict) -> dict:
-        if self.world == 1:
-            return dict(mine)
-        import torch.distributed as dist
-        every = [None] * self.world
-        dist.all_gather_object(every, mine)
-        return {k: v for d in every for k, v in d.items()}
-
-    def _barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-            dist.barrier()
-
-
-def load_sharded(ckpt_dir: Path, state_dict: dict) -> None:
-    """Fill ``state_dict`` (distributed.sharded_state: DTensor shards or whole tensors) in place from a DCP step;
-    a collective when a process group is up. DCP reshards: any world size may have written it."""
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-    dcp.load(state_dict, checkpoint_id=str(Path(ckpt_dir) / DCP_DIR), no_dist=not dist.is_initialized())
-
-
-def records_names(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*") if p.is_file() and p.name != COMMITTED)
 
 
 def read_dcp_model(ckpt_dir: Path) -> dict:
@@ -380,7 +231,8 @@ def read_dcp_model(ckpt_dir: Path) -> dict:
     if not model:
         raise FDFastError(f"{ckpt_dir}: its DCP checkpoint holds no model tensors; it was not written by fdfast train")
     state = {"model": model}
-    dcp.load(state, storage_reader=reader, no_dist=True)
+    with quiet_dcp():
+        dcp.load(state, storage_reader=reader, no_dist=True)
     return state["model"]
 
 
@@ -431,6 +283,7 @@ def read_student(path) -> tuple[dict, dict]:
     A run directory without a final student.safetensors (a run still going, or crashed) gives the student of
     its newest intact committed checkpoint; a DCP step is read without a process group.
     """
+    from fdfast.distill import split_trainable  # the FD key layout belongs to the distiller
     src = student_source(path)
     if src.is_dir():
         if is_dcp(src):

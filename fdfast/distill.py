@@ -14,11 +14,23 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from fdfast.checkpoint import split_trainable
 from fdfast.errors import FDFastError
-from fdfast.loss import FDLoss
 from fdfast.models import tokens
 from fdfast.models.align import align_tokens, check_alignment
+
+
+STUDENT_PREFIX, PROJECTION_PREFIX = "student.", "proj."  # FD's checkpoint key layout (timm keys after "student.")
+
+
+def split_trainable(tensors: dict) -> tuple[dict, dict]:
+    """(student state dict with timm keys, FDLoss state dict "proj.*") of an FD checkpoint's model tensors; any
+    other key is an error."""
+    student = {k[len(STUDENT_PREFIX):]: v for k, v in tensors.items() if k.startswith(STUDENT_PREFIX)}
+    loss = {k: v for k, v in tensors.items() if k.startswith(PROJECTION_PREFIX)}
+    unknown = sorted(k for k in tensors if not k.startswith((STUDENT_PREFIX, PROJECTION_PREFIX)))
+    if unknown:
+        raise FDFastError(f"checkpoint has keys that belong to neither student nor projection: {unknown[:5]}")
+    return student, loss
 
 
 def teacher_from_config(cfg, weights=None):
@@ -53,15 +65,25 @@ class FeatureDistiller(nn.Module):
             raise FDFastError(f"loss.target=embedding: teacher {teacher.name!r} was built without its head; build it "
                               f"with build_teacher(..., embedding=True) (fdfast.distill.teacher_from_config does)")
         target_dim = teacher.embedding_dim if self.target == "embedding" else teacher.dim
+        from fdfast.loss import FDLoss  # imports the Triton kernels: only when a distiller is built
         self.fd_loss = FDLoss(student.num_features, target_dim, beta=loss_cfg.beta, eps=loss_cfg.eps,
                               whiten=loss_cfg.whiten, backend=loss_cfg.backend,
                               kind=loss_cfg.kind)
 
+    def trained_model(self) -> nn.Module:
+        return self.student
+
+    def frozen_model(self) -> nn.Module:
+        return self.teacher
+
+    def checkpoint_layout(self) -> dict:
+        """FD's checkpoint key layout, {prefix: module}: the student's timm keys under "student.", the projection's
+        own "proj.weight" / "proj.bias" (fdfast.checkpointer stores and loads by it)."""
+        return {STUDENT_PREFIX: self.student, "": self.fd_loss}
+
     def trainable_state(self) -> dict:
-        """What a checkpoint stores: the student (timm keys under 'student.') and the projection."""
-        out = {f"student.{k}": v for k, v in self.student.state_dict().items()}
-        out.update(self.fd_loss.state_dict())  # "proj.weight", "proj.bias"
-        return out
+        """What a checkpoint stores (unsharded): the student (timm keys under "student.") and the projection."""
+        return {prefix + k: v for prefix, m in self.checkpoint_layout().items() for k, v in m.state_dict().items()}
 
     def load_trainable_state(self, tensors: dict) -> None:
         student, loss = split_trainable(tensors)

@@ -214,7 +214,8 @@ def register(subparsers) -> None:
 def _features_from_args(args) -> Features:
     if args.batch_size < 1:
         raise FDFastError(f"--batch-size must be >= 1, got {args.batch_size}")
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    from fdfast.runtime import resolve_device
+    device = str(resolve_device(args.device))
     return extract_features(args.model, args.data, args.val, args.img_size, args.crop_pct, args.batch_size,
                             device=device)
 

@@ -60,10 +60,8 @@ def _user_tuned() -> str | None:
 _APPLIED: dict | None = None  # what an earlier call in this process did (mallopt is process-wide)
 
 
-def configure(setting: str, device: torch.device) -> dict:
-    """Apply ``runtime.malloc`` for a run on ``device``; returns {"setting", "applied", "why"} for summary.json.
-    Idempotent: a process keeps the settings its first applying call made."""
-    global _APPLIED
+def _not_applicable(setting: str, device: torch.device) -> dict | None:
+    """Why ``setting`` changes nothing for a run on ``device`` (None: it would apply mallopt)."""
     if setting not in SETTINGS:
         raise ValueError(f"runtime.malloc must be one of {SETTINGS}, got {setting!r}")
     out = {"setting": setting, "applied": False}
@@ -71,13 +69,25 @@ def configure(setting: str, device: torch.device) -> dict:
         return {**out, "why": "runtime.malloc=default: the C library's own settings"}
     if device.type != "cpu":
         return {**out, "why": f"{device.type} run: host allocations are few (device memory has its own allocator)"}
-    if _APPLIED is not None:
-        return _APPLIED
-    libc, env = _libc(), _user_tuned()
-    if libc is None:
+    if _libc() is None:
         return {**out, "why": f"not glibc ({platform.system()} {platform.libc_ver()[0] or 'libc'}): left as is"}
+    env = _user_tuned()
     if env is not None:
         return {**out, "why": f"{env} is set: the user's malloc settings are kept"}
+    return None
+
+
+def configure(setting: str, device: torch.device) -> dict:
+    """Apply ``runtime.malloc`` for a run on ``device``; returns {"setting", "applied", "why"} for summary.json.
+    Process-wide: only the command line calls it (``fdfast.runtime.apply``). Idempotent: a process keeps the
+    settings its first applying call made."""
+    global _APPLIED
+    skip = _not_applicable(setting, device)
+    if skip is not None:
+        return skip
+    if _APPLIED is not None:
+        return _APPLIED
+    libc = _libc()
     refused = [name for name, param, value in (("M_MMAP_THRESHOLD", _M_MMAP_THRESHOLD, MMAP_THRESHOLD),
                                                ("M_TRIM_THRESHOLD", _M_TRIM_THRESHOLD, TRIM_THRESHOLD))
                if libc.mallopt(param, value) != 1]
@@ -85,5 +95,16 @@ def configure(setting: str, device: torch.device) -> dict:
            f"{TRIM_THRESHOLD >> 30} GiB (no page faults per step)")
     if refused:
         why = f"glibc refused mallopt({', '.join(refused)}); the others applied"
-    _APPLIED = {**out, "applied": not refused, "why": why}
+    _APPLIED = {"setting": setting, "applied": not refused, "why": why}
     return _APPLIED
+
+
+def report(setting: str, device: torch.device) -> dict:
+    """What ``runtime.malloc`` means for this process now, without changing anything (a library call's view)."""
+    skip = _not_applicable(setting, device)
+    if skip is not None:
+        return skip
+    if _APPLIED is not None:
+        return _APPLIED
+    return {"setting": setting, "applied": False,
+            "why": "not applied: a process-wide setting, made by the fdfast command line (fdfast.runtime.apply)"}

@@ -166,8 +166,13 @@ def _close_held_in_child() -> None:
     _HELD.clear()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_close_held_in_child)
+_FORK_HOOK = []  # [True] once the at-fork hook is registered (at the first lock, not at import)
+
+
+def _register_fork_hook() -> None:
+    if not _FORK_HOOK and hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_close_held_in_child)  # a no-op in children of a process holding none
+        _FORK_HOOK.append(True)
 
 
 @contextmanager
@@ -179,6 +184,7 @@ def run_dir_lock(run_dir: os.PathLike, command: str) -> Iterator[Path]:
     blocks the next one. Creates DIR: take it only once the input has been checked.
     """
     import fcntl
+    _register_fork_hook()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     key = str(run_dir.resolve())

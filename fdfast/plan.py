@@ -57,31 +57,25 @@ GPUS = {
 
 
 # ----------------------------------------------------------------------------- the step both sides trace
-def build_fd_parts(cfg: Config, device: str = "meta", planner_paths: bool = True):
-    """The FD distiller of a recipe, as ``fdfast train`` builds it; ``device="meta"`` allocates nothing.
+def build_fd_parts(cfg: Config, device: str = "meta", planner_paths: bool = True, amp_dtype=None):
+    """The FD distiller of a recipe, built by ``fdfast train``'s own builder (``fdfast.run.build_distiller``):
+    the teacher stored in the run's compute dtype; ``device="meta"`` allocates nothing.
 
     The teacher is randomly initialised (its weights change no shape); attention runs on SDPA and the loss on
     the reference path: ATen ops that fake tensors can follow (the Triton kernels launch real programs, the
     row-chunked torch loss reads a scalar on the host). ``planner_paths=False``: the recipe's own backends.
     """
-    from fdfast.attention import patch_model
-    from fdfast.distill import FeatureDistiller, teacher_from_config
-    from fdfast.models.student import build_student
-
-    with torch.device(device):
-        teacher = teacher_from_config(cfg, weights="random")  # the run's teacher shape (head kept for embedding)
-        student = build_student(cfg.model)
-    patch_model(student, backend="sdpa" if planner_paths else cfg.model.attention)
-    loss_cfg = type(cfg.loss)(**{**asdict(cfg.loss), "backend": "reference" if planner_paths else cfg.loss.backend})
-    return FeatureDistiller(student, teacher, loss_cfg, cfg.teacher.align).to(device)
+    from fdfast.run import build_distiller
+    return build_distiller(cfg, torch.device(device), amp_dtype, weights="random", planning=planner_paths)
 
 
 def make_optimizer(distiller: nn.Module, cfg: Config, fused: bool):
-    """``fdfast train``'s AdamW; fused as on CUDA (no foreach temporaries the size of all parameters)."""
-    from fdfast.train import build_optimizer
+    """``fdfast train``'s AdamW (``fdfast.run.fd_optimizer``); fused as on CUDA (no foreach temporaries the size
+    of all parameters)."""
+    from fdfast.run import fd_optimizer
     optim_cfg = type(cfg.optim)(**{**asdict(cfg.optim), "fused": "true" if fused else "false"})
-    return build_optimizer(distiller, type(cfg)(**{**vars(cfg), "optim": optim_cfg}), PAPER_GLOBAL_BATCH,
-                           torch.device("cpu"))[0]
+    return fd_optimizer(distiller, type(cfg)(**{**vars(cfg), "optim": optim_cfg}), PAPER_GLOBAL_BATCH,
+                        torch.device("cpu"))[0]
 
 
 def set_activation_checkpointing(distiller: nn.Module, on: bool) -> None:
@@ -188,7 +182,7 @@ def fake_parts(cfg: Config, amp_dtype=None):
     one image that creates the optimizer states."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    distiller = build_fd_parts(cfg, "meta")
+    distiller = build_fd_parts(cfg, "meta", amp_dtype=amp_dtype)
     # timm's initialisers call .item(), which fake mode refuses: the model is built on meta, then faked
     with FakeTensorMode(allow_non_fake_inputs=True):
         distiller = distiller.to_empty(device="cpu")
@@ -271,7 +265,7 @@ def validate(cfg: Config, batch: int, ac: bool, amp_dtype=None, device: str = "c
     """Planned (fake tensors) vs measured (real random weights on ``device``) peak of one FD step of ``cfg``."""
     with fake_parts(cfg, amp_dtype) as (distiller, optimizer, _):
         planned = trace_memory(distiller, optimizer, batch, cfg.model.img_size, amp_dtype, ac)
-    distiller = build_fd_parts(cfg, device, planner_paths).train()
+    distiller = build_fd_parts(cfg, device, planner_paths, amp_dtype).train()
     optimizer = make_optimizer(distiller, cfg, fused=cfg.optim.fused != "false")
     size = (3, cfg.model.img_size, cfg.model.img_size)
     fd_step(distiller, optimizer, torch.randn(1, *size, device=device), amp_dtype)  # optimizer states, workspaces
@@ -363,11 +357,10 @@ def gathered_units(distiller: nn.Module) -> dict:
                 teacher=size(distiller.teacher))
 
 
-def amp_dtype_of(cfg: Config, gpu: bool = True) -> torch.dtype | None:
-    precision = cfg.runtime.precision
-    if precision == "auto":
-        precision = "bf16" if gpu else "fp32"
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+def amp_dtype_of(cfg: Config) -> torch.dtype | None:
+    """The compute dtype the recipe trains in on a GPU (``fdfast.runtime.resolve_precision`` for CUDA)."""
+    from fdfast.runtime import resolve_precision
+    return resolve_precision(cfg.runtime.precision, torch.device("cuda"))
 
 
 def plan(cfg: Config, gpus: int = 1, gpu: str = "h200", gpu_mem_gib: float | None = None,

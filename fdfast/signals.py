@@ -8,7 +8,8 @@ every process of the job's process group, not only the main one. So:
   process's decision, and a worker that died first would crash the step in flight ("DataLoader worker ...
   is killed by signal: Terminated");
 - the main process's `StopRequest` only notes the first signal; the training step folds that note into the
-  all-reduce it does anyway (`all_reduce_step`), so every rank stops after the same step, which is committed;
+  all-reduce it does anyway (`fdfast.distributed.reduce_step`), so every rank stops after the same step,
+  which is committed;
 - a second signal aborts at once (KeyboardInterrupt), unless it repeats the first within REPEAT_WINDOW_S:
   that is one stop delivered twice (the group signal plus a launcher forwarding it to each rank).
 """
@@ -19,8 +20,6 @@ import os
 import signal
 import threading
 import time
-
-import torch
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 REPEAT_WINDOW_S = 2.0  # seconds: a second signal sooner than this is the first one delivered again
@@ -133,20 +132,3 @@ class StopRequest:
 
     def __exit__(self, *exc) -> None:
         self.restore()
-
-
-def all_reduce_step(loss_sum: float, stop: bool, info) -> tuple[float, bool]:
-    """(loss averaged over ranks, whether ANY rank asked to stop), in the step's one all-reduce.
-
-    ``info`` is a fdfast.distributed.DistInfo. The flag rides in the same float64 tensor as the loss, so
-    the stop decision costs no extra collective and every rank takes the same one: a rank whose signal
-    arrives after it sent its flag stops one step later together with the others. A non-finite loss on
-    any rank makes the mean non-finite on every rank (the collective skip).
-    """
-    if info.world_size == 1:
-        return loss_sum, stop
-    import torch.distributed as dist
-    t = torch.tensor([loss_sum, float(stop)], dtype=torch.float64, device=info.device)
-    dist.all_reduce(t)  # SUM: [sum of losses, number of ranks asking to stop]
-    loss_total, stopping = t.tolist()  # one host sync
-    return loss_total / info.world_size, stopping > 0

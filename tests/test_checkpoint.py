@@ -12,7 +12,9 @@ import torch
 from safetensors.torch import save_file
 
 from fdfast import checkpoint as ckpt
+from fdfast.checkpointer import DcpWriter, save_full
 from fdfast.cli import main
+from fdfast.distributed import DistInfo
 from fdfast.errors import FDFastError
 from fdfast.io import run_dir_lock
 
@@ -27,7 +29,7 @@ def fake_run(tmp_path, steps=(1, 2)):
     run = tmp_path / "run"
     for s in steps:
         tensors = {"student.w": torch.full((64, 64), float(s)), "proj.weight": torch.ones(3, 3) * s}
-        ckpt.save_checkpoint(run, s, tensors, {"step": s, "config": {"model": META}}, META, keep=5)
+        save_full(run, s, tensors, {"step": s, "config": {"model": META}}, META, keep=5)
     return run
 
 
@@ -206,7 +208,7 @@ def test_dcp_full_disk_is_one_line_and_keeps_the_committed_one(tmp_path, monkeyp
     import errno
     import torch.distributed.checkpoint.filesystem as dcp_fs
     run = tmp_path / "run"
-    saver = ckpt.ShardedSaver(run, 0, 1, keep=2, async_save=async_save)
+    saver = DcpWriter(run, DistInfo(), keep=2, async_save=async_save)
     state = {"model": {"student.w": torch.ones(64, 64), "proj.weight": torch.ones(2, 2)}}
     saver.save(1, state, {"step": 1})
     saver.wait()  # sync: committed already; async: committed now

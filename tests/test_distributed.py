@@ -12,6 +12,22 @@ from safetensors.torch import load_file
 from test_train import tiny_args
 
 
+def build_run(cfg, info=None):
+    """The Run `fdfast train` builds for cfg (fp32), its loader closed: the tests feed their own images."""
+    from fdfast.distributed import DistInfo
+    from fdfast.run import build_fd_run
+    from fdfast.runtime import Runtime
+    run = build_fd_run(cfg, Runtime(info or DistInfo(), None))
+    run.loader.close()
+    return run
+
+
+def checkpointer(info=None, fmt="full", strategy="fsdp"):
+    from fdfast.checkpointer import Checkpointer
+    from fdfast.distributed import DistInfo
+    return Checkpointer(None, info or DistInfo(), fmt, 2, False, strategy)
+
+
 def torchrun(out, teacher_file, image_dir, *extra):
     """The tiny run of test_train on 2 processes (batch 2 each: the same global batch of 4), drop path off."""
     args = tiny_args(out, teacher_file, image_dir, 4, "--set", "model.drop_path=0", *extra)
@@ -55,9 +71,7 @@ def two_to_one(tmp_path, teacher_file, image_dir):
     import io
     from fdfast import checkpoint as ckpt
     from fdfast.cli import build_parser, main
-    from fdfast.distributed import DistInfo
-    from fdfast.train import build_parts, config_from_args, load_state
-    from test_train import tiny_args
+    from fdfast.train import config_from_args
     fsdp = tmp_path / "fsdp"
     step4 = fsdp / "checkpoints" / "step-4"
     assert ckpt.is_dcp(step4) and not (step4 / "model.safetensors").exists()
@@ -67,9 +81,8 @@ def two_to_one(tmp_path, teacher_file, image_dir):
     # the AdamW moments of the 2-rank DCP step 2, loaded in one process, equal DDP's full-format ones
     args = tiny_args(tmp_path / "one", teacher_file, image_dir, 4, "--set", "model.drop_path=0")
     cfg, _ = config_from_args(build_parser().parse_args(args))
-    p = build_parts(cfg, DistInfo(), None)
-    p.loader.close()
-    assert load_state(p, fsdp / "checkpoints" / "step-2", cfg, DistInfo()) == 2
+    p = build_run(cfg)
+    assert checkpointer().load(fsdp / "checkpoints" / "step-2", p)["step"] == 2
     ddp = ckpt.load_train_state(tmp_path / "ddp" / "checkpoints" / "step-2")["optimizer"]["state"]
     own = p.optimizer.state_dict()["state"]
     assert own.keys() == ddp.keys()
@@ -142,8 +155,9 @@ def _fsdp_worker(rank, world, port, argv, single_step, out):
     torch.set_num_threads(1)
     from fdfast import distributed
     from fdfast.cli import build_parser
-    from fdfast.train import build_parts, config_from_args, load_state, train_step
-    info = distributed.init_distributed("cpu")
+    from fdfast.step import train_step
+    from fdfast.train import config_from_args
+    info = distributed.init_distributed(torch.device("cpu"))
     count = _count_reduce_scatters()
     images = torch.randn(2, 4, 3, 32, 32, generator=torch.Generator().manual_seed(rank))  # 2 steps, 4 per rank
     result = {}
@@ -151,17 +165,16 @@ def _fsdp_worker(rank, world, port, argv, single_step, out):
         args = list(argv) + ["--set", f"optim.accum_steps={accum}"]
         args[args.index("--batch-size") + 1] = str(4 // accum)
         cfg, _ = config_from_args(build_parser().parse_args(args))
-        p = build_parts(cfg, info, None)
-        p.loader.close()
+        p = build_run(cfg, info)
         before = count[0]
         for step in (1, 2):
             x = images[step - 1]
-            train_step(p.model, p.optimizer, p.scheduler, p.scaler, iter([x] if accum == 1 else [x[:2], x[2:]]),
-                       step, info=info, accum_steps=accum)
+            train_step(p, iter([x] if accum == 1 else [x[:2], x[2:]]), step)
         result[f"reduce_scatters_{accum}"] = count[0] - before
-        result[f"state_{accum}"] = distributed.full_state(p.distiller, p.optimizer, info, "fsdp")[0]
-    load_state(p, single_step, cfg, info)  # 1 -> 2: a one-process DCP checkpoint into FSDP2 shards
-    result["resumed"] = distributed.full_state(p.distiller, p.optimizer, info, "fsdp")
+        result[f"state_{accum}"] = checkpointer(info).model_tensors(p)
+    ckpter = checkpointer(info)
+    ckpter.load(single_step, p)  # 1 -> 2: a one-process DCP checkpoint into FSDP2 shards
+    result["resumed"] = (ckpter.model_tensors(p), ckpter.full_optimizer_state(p))
     if rank == 0:
         torch.save(result, out)
     distributed.shutdown()
@@ -174,10 +187,8 @@ def test_fsdp2_accumulation_and_a_one_rank_dcp_checkpoint_on_two(tmp_path, teach
     import torch.multiprocessing as mp
     from fdfast import checkpoint as ckpt
     from fdfast.cli import main
-    from fdfast.distributed import DistInfo
-    from fdfast.train import build_parts, config_from_args, load_state
+    from fdfast.train import config_from_args
     from fdfast.cli import build_parser
-    from test_train import tiny_args
 
     single = tmp_path / "single"
     base = tiny_args(single, teacher_file, image_dir, 4, "--set", "model.drop_path=0", "--set", "ckpt.format=dcp")
@@ -200,11 +211,10 @@ def test_fsdp2_accumulation_and_a_one_rank_dcp_checkpoint_on_two(tmp_path, teach
     want = ckpt.read_dcp_model(step)
     assert tensors.keys() == want.keys() and all(torch.equal(tensors[k], want[k]) for k in want)
     cfg, _ = config_from_args(build_parser().parse_args(base))
-    p = build_parts(cfg, DistInfo(), None)  # the same checkpoint in one process
-    p.loader.close()
-    load_state(p, step, cfg, DistInfo())
+    p = build_run(cfg)  # the same checkpoint in one process
+    checkpointer(strategy="none").load(step, p)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    own = get_optimizer_state_dict(p.distiller, p.optimizer, options=StateDictOptions(full_state_dict=True))
+    own = get_optimizer_state_dict(p.task, p.optimizer, options=StateDictOptions(full_state_dict=True))
     assert own["state"].keys() == optim["state"].keys()
     for name, moments in own["state"].items():
         for key in ("exp_avg", "exp_avg_sq", "step"):

@@ -11,6 +11,7 @@ from safetensors import safe_open
 from timm.models.beit import Beit
 
 from fdfast import checkpoint as ckpt
+from fdfast.checkpointer import save_full
 from fdfast.config import ModelConfig
 from fdfast.errors import FDFastError
 from fdfast.models.export import export, finetune_state_dict, load_student, load_timm_export
@@ -50,7 +51,7 @@ def write_run(tmp_path, cfg):
                                  metadata={ckpt.STUDENT_META_KEY: meta})
     tensors = {f"student.{k}": v for k, v in student.state_dict().items()}
     tensors.update({"proj.weight": torch.randn(8, 32), "proj.bias": torch.zeros(8)})
-    ckpt.save_checkpoint(run, 5, tensors, {"step": 5}, dict(vars(cfg)))
+    save_full(run, 5, tensors, {"step": 5}, dict(vars(cfg)), keep=2)
     return run, student
 
 

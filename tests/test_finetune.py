@@ -16,7 +16,7 @@ from fdfast.errors import FDFastError
 from fdfast.finetune import load_finetune_config
 from fdfast.finetune.config import FinetuneConfig
 from fdfast.finetune.data import build_transforms
-from fdfast.finetune.loop import build_optimizer
+from fdfast.finetune.task import build_optimizer
 from fdfast.finetune.model import build_classifier, resolve_model
 from fdfast.io import atomic_save_safetensors
 
@@ -168,28 +168,30 @@ def _rows(run):
 def test_exact_resume_of_a_finetune(student_run, data_dir, tmp_path, monkeypatch):
     """A run killed right after committing epoch 1 and resumed equals an uninterrupted run, bit for bit."""
     from safetensors.torch import load_file
-    from fdfast.finetune import finetune, loop
+    from fdfast.checkpointer import Checkpointer
+    from fdfast.finetune import finetune
     over = dict(data__mixup=0.8, data__cutmix=1.0, model__drop_path=0.1, optim__ema=True, optim__ema_decay=0.5)
     straight = tmp_path / "straight"
     finetune(_cfg(data_dir, **over), str(student_run), straight)
     half = tmp_path / "half"
-    save_last = loop.save_last
+    save = Checkpointer.save
 
-    def crash_after_commit(p, cfg, out_dir, epoch, best):
-        save_last(p, cfg, out_dir, epoch, best)
+    def crash_after_commit(self, step, run, state, meta):
+        save(self, step, run, state, meta)
         raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(loop, "save_last", crash_after_commit)
+    monkeypatch.setattr(Checkpointer, "save", crash_after_commit)  # killed right after committing epoch 1
     with pytest.raises(KeyboardInterrupt):
         finetune(_cfg(data_dir, **over), str(student_run), half)
-    monkeypatch.setattr(loop, "save_last", save_last)
+    monkeypatch.setattr(Checkpointer, "save", save)
     resumed = finetune(_cfg(data_dir, **over), str(student_run), half, resume="auto")
     a, b = load_file(str(straight / "model.safetensors")), load_file(str(half / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert _rows(straight) == _rows(half) and len(_rows(half)) == 2
     summary = json.loads((straight / "summary.json").read_text())
     assert summary["top1"] == resumed["top1"] and summary["best_epoch"] == resumed["best_epoch"]
-    assert (half / "checkpoints" / "step-2" / "COMMITTED").is_file()
+    steps_per_epoch = 3  # 12 training images, batch 4
+    assert (half / "checkpoints" / f"step-{2 * steps_per_epoch}" / "COMMITTED").is_file()
 
 
 def test_finetuned_model_is_a_timm_export_knn_reads(student_run, data_dir, tmp_path):

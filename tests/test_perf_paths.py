@@ -7,10 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from fdfast import distributed, train
+from fdfast import distributed, runtime
 from fdfast.cli import main
 from fdfast.config import Config
 from fdfast.distributed import DistInfo
+from fdfast.run import build_fd_run
+from fdfast.runtime import Runtime
+from fdfast.step import StepResult
 from fdfast.kernels.reference import rpb_attention_reference
 from fdfast.kernels.rpb_attention import rpb_attention
 from test_train import tiny_args
@@ -30,11 +33,13 @@ def tiny_cfg(**sections) -> Config:
 @pytest.mark.parametrize("avx512_bf16, amx, expected", [(True, False, torch.bfloat16), (False, True, torch.bfloat16),
                                                         (False, False, None)])
 def test_precision_auto_is_bf16_only_on_cpus_with_native_bf16(monkeypatch, avx512_bf16, amx, expected):
-    monkeypatch.setattr(train, "cpu_flags", lambda: {"capability": "X", "avx512_bf16": avx512_bf16, "amx": amx,
-                                                    "threads": 1})
-    assert train.resolve_precision("auto", CPU) is expected
-    assert train.resolve_precision("fp32", CPU) is None  # one --set away
-    info = train.precision_summary("auto", expected, CPU)
+    from fdfast.kernels import utils
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"capability": "X", "avx512_bf16": avx512_bf16, "amx": amx,
+                                                      "threads": 1})
+    monkeypatch.setattr(utils, "native_bf16_cpu", lambda: avx512_bf16 or amx)  # the one home of the probe
+    assert runtime.resolve_precision("auto", CPU) is expected
+    assert runtime.resolve_precision("fp32", CPU) is None  # one --set away
+    info = runtime.precision_summary("auto", expected, CPU)
     assert info["precision"] == ("bf16" if expected else "fp32")
     assert ("AMX" if amx else "AVX512-BF16" if avx512_bf16 else "no native bf16") in info["why"]
 
@@ -50,15 +55,15 @@ def _target_and_casts(distiller, x):
 
 def test_teacher_runs_as_bf16_inference_without_weight_casts():
     torch.manual_seed(0)
-    parts = train.build_parts(tiny_cfg(), DistInfo(), torch.bfloat16)
-    d = parts.distiller
+    parts = build_fd_run(tiny_cfg(), Runtime(DistInfo(), torch.bfloat16))
+    d = parts.task
     assert {p.dtype for p in d.teacher.parameters()} == {torch.bfloat16}  # stored once in the compute dtype
     assert {p.dtype for p in d.student.parameters()} == {torch.float32}  # the trained weights stay fp32
     x = next(parts.loader)
     target, casts = _target_and_casts(d, x)
     assert casts == 0  # no cast of any teacher weight (activations: the images, attention's fp32 logits)
     assert target.dtype == torch.bfloat16 and not target.is_inference() and not target.requires_grad
-    fp32 = train.build_parts(tiny_cfg(), DistInfo(), None).distiller
+    fp32 = build_fd_run(tiny_cfg(), Runtime(DistInfo(), None)).task
     fp32.teacher.load_state_dict({k: v.float() for k, v in d.teacher.state_dict().items()})
     assert _target_and_casts(fp32, x)[1] >= 8  # an fp32 teacher under autocast: its weights every step
     ref = fp32.target_tokens(x)
@@ -147,9 +152,9 @@ def test_bf16_cpu_attention_matches_the_fp64_reference(B, H, N, D, W, logit_std)
 
 
 def test_adamw_is_fused_on_the_cpu_by_default():
-    parts = train.build_parts(tiny_cfg(), DistInfo(), None)
+    parts = build_fd_run(tiny_cfg(), Runtime(DistInfo(), None))
     assert parts.optimizer.defaults["fused"] is True
-    parts = train.build_parts(tiny_cfg(optim={"fused": "false"}), DistInfo(), None)
+    parts = build_fd_run(tiny_cfg(optim={"fused": "false"}), Runtime(DistInfo(), None))
     assert not parts.optimizer.defaults["fused"]
 
 
@@ -163,7 +168,7 @@ class _Steps:
         self.calls += 1
         if self.fail_first and self.calls == 1:
             raise RuntimeError("BackendCompilerFailed: no C++ compiler")
-        return train.StepResult(1.0, 1.0, 2)
+        return StepResult(1.0, 1.0, 2)
 
 
 def _distiller_with_compiled_parts():
@@ -174,8 +179,8 @@ def _distiller_with_compiled_parts():
 
 
 def test_compile_auto_stays_eager_for_a_short_run(monkeypatch):
-    monkeypatch.setattr(distributed, "compile_distiller", lambda *a, **k: pytest.fail("compiled a short run"))
-    c = train.CompileWhenItPays("auto", nn.Module(), DistInfo(), "none")
+    monkeypatch.setattr(distributed, "compile_task", lambda *a, **k: pytest.fail("compiled a short run"))
+    c = distributed.CompileWhenItPays("auto", nn.Module(), DistInfo(), "none")
     step = _Steps()
     for left in (9, 8, 7, 6):
         c.run(step, steps_left=left)
@@ -184,11 +189,11 @@ def test_compile_auto_stays_eager_for_a_short_run(monkeypatch):
 
 def test_compile_auto_compiles_a_long_run(monkeypatch):
     compiled = []
-    monkeypatch.setattr(distributed, "compile_distiller", lambda d, device: compiled.append(d))
+    monkeypatch.setattr(distributed, "compile_task", lambda d, device: compiled.append(d))
     ticks = iter(range(100))
-    monkeypatch.setattr(train.CompileWhenItPays, "_clock", lambda self: float(next(ticks)))  # 1 s per step
+    monkeypatch.setattr(distributed.CompileWhenItPays, "_clock", lambda self: float(next(ticks)))  # 1 s per step
     d = nn.Module()
-    c = train.CompileWhenItPays("auto", d, DistInfo(), "none")
+    c = distributed.CompileWhenItPays("auto", d, DistInfo(), "none")
     for _ in range(4):
         c.run(_Steps(), steps_left=10_000)  # 10,000 x 1 s x 2% = 200 s > 60 s
     assert compiled == [d] and c.decision.startswith("compiled") and c.compile_s is not None
@@ -196,7 +201,7 @@ def test_compile_auto_compiles_a_long_run(monkeypatch):
 
 def test_a_failing_compile_falls_back_to_eager_with_one_warning():
     d = _distiller_with_compiled_parts()
-    c = train.CompileWhenItPays("true", d, DistInfo(), "none")
+    c = distributed.CompileWhenItPays("true", d, DistInfo(), "none")
     step = _Steps(fail_first=True)
     with pytest.warns(UserWarning, match="compiling failed.*running eager"):
         result = c.run(step, steps_left=3)
@@ -211,7 +216,7 @@ def test_default_run_reports_precision_and_compile(tmp_path, teacher_file, image
     out = tmp_path / "run"
     assert main(tiny_args(out, teacher_file, image_dir, 4, "--set", "runtime.precision=auto")) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["precision"] == ("bf16" if train.native_bf16(CPU) else "fp32")
+    assert summary["precision"] == ("bf16" if runtime.native_bf16(CPU) else "fp32")
     assert "runtime.precision=fp32" in summary["why"] or summary["precision"] == "fp32"
     assert summary["compile"]["setting"] == "auto" and summary["compile"]["decision"].startswith("eager")
     assert summary["compile"]["compile_s"] is None and set(summary["cpu"]) >= {"avx512_bf16", "amx"}

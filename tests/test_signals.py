@@ -47,10 +47,11 @@ def test_first_signal_asks_a_quick_repeat_is_the_same_request_a_later_one_aborts
     assert signal.getsignal(signal.SIGTERM) is before  # handlers restored
 
 
-def test_all_reduce_step_in_a_world_of_one_passes_through():
-    from fdfast.distributed import DistInfo
-    assert signals.all_reduce_step(1.5, True, DistInfo()) == (1.5, True)
-    assert signals.all_reduce_step(2.0, False, DistInfo()) == (2.0, False)
+def test_reduce_step_in_a_world_of_one_passes_through():
+    from fdfast.distributed import DistInfo, reduce_step
+    t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    assert reduce_step(t(1.5), t(0.5), True, DistInfo()) == (1.5, 0.5, True)
+    assert reduce_step(t(2.0), t(3.0), False, DistInfo()) == (2.0, 3.0, False)
 
 
 def _loader(image_dir, kind, workers=1):

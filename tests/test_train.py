@@ -10,7 +10,10 @@ from safetensors.torch import load_file
 from fdfast import checkpoint as ckpt
 from fdfast.cli import build_parser, main
 from fdfast.distributed import DistInfo
-from fdfast.train import build_optimizer, build_parts, config_from_args, train_step
+from fdfast.run import build_fd_run, fd_optimizer
+from fdfast.runtime import Runtime
+from fdfast.step import train_step
+from fdfast.train import config_from_args
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -167,13 +170,13 @@ def test_demo_recipe_runs_on_the_real_teacher_and_photos(tmp_path):
 
 
 def tiny_parts(tmp_path, teacher_file, image_dir, *extra, batch=4):
-    """The Parts of the tiny CLI run (config from tiny_args, built by train's own build_parts), drop path off."""
+    """The Run of the tiny CLI run (config from tiny_args, built by train's own builder), drop path off."""
     args = tiny_args(tmp_path / "unused", teacher_file, image_dir, 3, "--set", "model.drop_path=0", *extra)
     args[args.index("--batch-size") + 1] = str(batch)
     cfg, _ = config_from_args(build_parser().parse_args(args))
-    parts = build_parts(cfg, DistInfo(), amp_dtype=None)
-    parts.loader.close()  # the tests feed their own images
-    return cfg, parts
+    run = build_fd_run(cfg, Runtime(DistInfo(), None))
+    run.loader.close()  # the tests feed their own images
+    return cfg, run
 
 
 def test_grad_accumulation_equals_the_big_batch(tmp_path, teacher_file, image_dir):
@@ -184,33 +187,31 @@ def test_grad_accumulation_equals_the_big_batch(tmp_path, teacher_file, image_di
                         "--set", "optim.accum_steps=2", batch=2)
     for step in (1, 2, 3):
         x = images[step - 1]
-        a = train_step(big.model, big.optimizer, big.scheduler, big.scaler, iter([x]), step, info=DistInfo())
-        b = train_step(acc.model, acc.optimizer, acc.scheduler, acc.scaler, iter([x[:2], x[2:]]), step,
-                       info=DistInfo(), accum_steps=2)
+        a = train_step(big, iter([x]), step)
+        b = train_step(acc, iter([x[:2], x[2:]]), step)  # acc.accum_steps == 2
         assert big.optimizer.param_groups[0]["lr"] == acc.optimizer.param_groups[0]["lr"]  # global batch 4 in both
         assert (a.images, b.images) == (4, 4)
         assert a.loss == pytest.approx(b.loss, rel=1e-5) and a.grad_norm == pytest.approx(b.grad_norm, rel=1e-4)
-    sa, sb = big.distiller.trainable_state(), acc.distiller.trainable_state()
+    sa, sb = big.task.trainable_state(), acc.task.trainable_state()
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=1e-4, atol=1e-6)
 
 
 def test_a_non_finite_step_is_skipped_and_leaves_the_weights_untouched(tmp_path, teacher_file, image_dir):
     cfg, p = tiny_parts(tmp_path, teacher_file, image_dir)
-    before = {k: v.clone() for k, v in p.distiller.trainable_state().items()}
+    before = {k: v.clone() for k, v in p.task.trainable_state().items()}
     bad = torch.randn(4, 3, 32, 32)
     bad[1, :, 5, 5] = float("nan")  # one pixel of one image: its tokens, and so the mean loss, turn NaN
-    r = train_step(p.model, p.optimizer, p.scheduler, p.scaler, iter([bad]), 1, info=DistInfo(), clip_grad=3.0)
-    assert r.grad_norm is None and math.isnan(r.loss) and r.images == 4
-    after = p.distiller.trainable_state()
+    r = train_step(p, iter([bad]), 1)  # p.clip_grad == 3.0
+    assert r.grad_norm is None and math.isnan(r.loss) and r.images == 4 and r.skipped and r.diverged
+    after = p.task.trainable_state()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not p.optimizer.state  # no AdamW moment was touched either
-    _, twin = build_optimizer(p.distiller, cfg, 4, torch.device("cpu"))
+    _, twin = fd_optimizer(p.task, cfg, 4, torch.device("cpu"))
     twin.step_update(1)
     assert p.optimizer.param_groups[0]["lr"] == twin.optimizer.param_groups[0]["lr"]  # the schedule moved on
 
-    r = train_step(p.model, p.optimizer, p.scheduler, p.scaler, iter([torch.randn(4, 3, 32, 32)]), 2,
-                   info=DistInfo(), clip_grad=3.0)  # the next finite step updates again
+    r = train_step(p, iter([torch.randn(4, 3, 32, 32)]), 2)  # the next finite step updates again
     assert math.isfinite(r.loss) and r.grad_norm > 0
-    after = p.distiller.trainable_state()
+    after = p.task.trainable_state()
     assert sum(not torch.equal(before[k], after[k]) for k in before) > len(before) // 2

@@ -3,8 +3,10 @@
 CPU (issue 11): fdfast with its DEFAULTS against honest plain-PyTorch baselines written here without any fdfast
 code -- a timm teacher, a timm Beit student with one shared relative position bias, ``F.layer_norm`` +
 ``F.smooth_l1_loss`` on a linear projection, ``torch.optim.AdamW`` -- in four settings (eager / compiled x fp32 /
-bf16 autocast). fdfast decides its precision and compilation as ``fdfast train`` does for a run of RUN_STEPS
-steps, and sets up its process as ``fdfast train`` does (``runtime.malloc``: glibc keeps freed memory).
+bf16 autocast). fdfast's row IS ``fdfast train`` minus its files: the CLI's process settings
+(``runtime.apply``: glibc keeps freed memory), the one builder (``fdfast.run.build_fd_run``) and the one loop
+(``fdfast.train.fit``, which calls back after each step), deciding precision and compilation as for a run of
+RUN_STEPS steps.
 
 Process-wide settings must not leak from one provider to another, so each group runs in its own process,
 started fresh: the four baselines (glibc's default malloc, as a plain user has it; the process never imports
@@ -84,76 +86,80 @@ def plain_step(teacher_name: str, img: int, size: str, patch: int, compiled: boo
 
 
 # ----------------------------------------------------------------------------- fdfast, defaults
-class FdfastDefault:
-    """fdfast as ``fdfast train`` runs a RUN_STEPS-step run with default settings (precision and compile auto,
-    fused AdamW): the same parts and the same step function, on fdfast's synthetic loader of the same shape."""
-
-    def __init__(self, teacher_name: str, img: int, size: str, patch: int, batch: int, device: str):
-        from fdfast import hostmem
-        from fdfast.config import Config
-        from fdfast.distributed import DistInfo
-        from fdfast.train import CompileWhenItPays, build_parts, resolve_precision
-        cfg = Config.from_dict({
-            "model": {"size": size, "patch_size": patch, "img_size": img},
-            "teacher": {"name": teacher_name, "weights": "random"},
-            "data": {"loader": "synthetic", "batch_size": batch},
-            "optim": {"steps": RUN_STEPS}, "runtime": {"device": device, "progress": False}})
-        self.cfg, self.info = cfg, DistInfo(device=torch.device(device))
-        self.amp = resolve_precision(cfg.runtime.precision, self.info.device)
-        self.malloc = hostmem.configure(cfg.runtime.malloc, self.info.device)
-        self.parts = build_parts(cfg, self.info, self.amp)
-        self.parts.distiller.train()
-        self.compiler = CompileWhenItPays(cfg.dist.compile, self.parts.distiller, self.info, cfg.dist.strategy)
-        self.step_no = 0
-
-    def __call__(self, x=None) -> float:
-        from fdfast.train import train_step
-        p, o = self.parts, self.cfg.optim
-        autocast = (lambda: torch.autocast(self.info.device.type, dtype=self.amp)) if self.amp else contextlib.nullcontext
-        self.step_no += 1
-        r = self.compiler.run(lambda: train_step(p.model, p.optimizer, p.scheduler, p.scaler, p.loader,
-                                                 min(self.step_no, o.steps), info=self.info, clip_grad=o.clip_grad,
-                                                 autocast=autocast), steps_left=max(o.steps - self.step_no, 0))
-        return r.loss
-
-    def warm_up(self) -> None:
-        """The eager steps auto-compile times, its decision, and the compile when it decides so."""
-        while self.compiler.decision is None or self.compiler.untried:
-            self()
-
-    def settings(self) -> dict:
-        return {"precision": str(self.amp), "compile": self.compiler.summary(), "fused_adamw":
-                bool(self.parts.optimizer.defaults.get("fused")), "malloc": self.malloc}
-
-    def close(self) -> None:
-        self.parts.loader.close()
+def fdfast_config(teacher_name: str, img: int, size: str, patch: int, batch: int, device: str) -> "Config":
+    """The run ``fdfast train`` makes of this shape with default settings (precision, compile and malloc auto,
+    fused AdamW), on fdfast's synthetic loader (random teacher weights: the speed is the same)."""
+    from fdfast.config import Config
+    return Config.from_dict({
+        "model": {"size": size, "patch_size": patch, "img_size": img},
+        "teacher": {"name": teacher_name, "weights": "random"},
+        "data": {"loader": "synthetic", "batch_size": batch},
+        "optim": {"steps": RUN_STEPS}, "runtime": {"device": device, "progress": False, "tensorboard": False}})
 
 
-def _providers(group: str, shape: tuple) -> tuple[dict, dict, dict | None]:
-    """({name: step(x)}, {name: setup seconds}, fdfast's settings or None) of one process's group."""
+class _Stop(Exception):
+    """The parent has timed enough steps: leave the loop."""
+
+
+def _fdfast_worker(conn, shape: tuple) -> None:
+    """fdfast exactly as ``fdfast train`` runs: the CLI's process settings (``runtime.apply``), the one builder
+    (``build_fd_run``) and the one loop (``fit``) without file output. The loop calls back after every step:
+    the first ones are auto-compile's timed eager steps (and its compile, when it decides so); then each
+    callback reports the step just taken and waits for the parent's next request."""
+    from fdfast import runtime
+    from fdfast.run import build_fd_run
+    from fdfast.train import RunDir, fit
     name, teacher, img, size, patch, batch = shape
-    steps, setup, settings = {}, {}, None
-    if group == "fdfast":
-        t0 = time.perf_counter()
-        fdfast = FdfastDefault(teacher, img, size, patch, batch, "cpu")
-        fdfast.warm_up()  # auto-compile's timed eager steps (and its compile, when it decides so)
-        steps["fdfast default"], setup["fdfast default"], settings = fdfast, time.perf_counter() - t0, fdfast.settings()
-        return steps, setup, settings
+    t0 = time.perf_counter()
+    cfg = fdfast_config(teacher, img, size, patch, batch, "cpu")
+    runtime.apply(cfg.runtime)
+    rt = runtime.resolve(cfg.runtime)
+    run = build_fd_run(cfg, rt)
+    clock = {}
+
+    def on_step(result) -> None:
+        if run.compiler.decision is None or run.compiler.untried:
+            return  # warm-up: auto-compile is still timing (or compiling)
+        if not clock:  # warm: tell the parent what runs and how long setting it up took
+            conn.send(({"fdfast default": time.perf_counter() - t0},
+                       {"precision": rt.precision["precision"], "compile": run.compiler.summary(),
+                        "fused_adamw": bool(run.optimizer.defaults.get("fused")), "malloc": rt.malloc}))
+        else:
+            conn.send((time.perf_counter() - clock["wall"], time.process_time() - clock["cpu"]))
+        if conn.recv() is None:
+            raise _Stop
+        clock.update(wall=time.perf_counter(), cpu=time.process_time())
+
+    with RunDir(None, None, rt.info, "fdfast train") as run_dir:
+        try:
+            fit(run, run_dir, on_step=on_step)
+        except _Stop:
+            pass
+    run.loader.close()
+    conn.close()
+
+
+def _providers(group: str, shape: tuple) -> tuple[dict, dict]:
+    """({name: step(x)}, {name: setup seconds}) of a plain-timm group."""
+    name, teacher, img, size, patch, batch = shape
+    steps, setup = {}, {}
     chosen = BASELINES if group == "timm" else [(TUNED, True, True)]
     for label, compiled, bf16 in chosen:
         t0 = time.perf_counter()
         steps[label] = plain_step(teacher, img, size, patch, compiled, bf16)
         steps[label](torch.randn(batch, 3, img, img))  # the first call compiles
         setup[label] = time.perf_counter() - t0
-    return steps, setup, settings
+    return steps, setup
 
 
 def _worker(conn, group: str, shape: tuple) -> None:
     """One provider group in its own process: build, report ready, then time one step per request."""
     torch.manual_seed(0)
+    if group == "fdfast":
+        return _fdfast_worker(conn, shape)
     x = torch.randn(shape[-1], 3, shape[2], shape[2])
-    steps, setup, settings = _providers(group, shape)
-    conn.send((setup, settings))
+    steps, setup = _providers(group, shape)
+    conn.send((setup, None))
     while (name := conn.recv()) is not None:
         t0, c0 = time.perf_counter(), time.process_time()
         steps[name](x)
@@ -208,7 +214,7 @@ def time_interleaved(shape: tuple, repeats: int, warmup: int) -> tuple[dict, dic
 
 
 def run_cpu(ctx) -> None:
-    from fdfast.train import cpu_flags
+    from fdfast.runtime import cpu_flags
     repeats, warmup = (3, 1) if ctx.quick else (8, 2)
     shapes = SHAPES_CPU[:1] if ctx.quick else SHAPES_CPU
     flags = " ".join(f"{k}={v}" for k, v in cpu_flags().items())
@@ -233,17 +239,21 @@ H200_BF16_DENSE_FLOPS = 989e12  # the peak MFU is quoted against (dense bf16 ten
 
 def step_time(cfg: Config, device: torch.device, repeats: int) -> tuple[list[float], float | None, float]:
     """(seconds per timed step, peak MiB, FLOPs of one step counted by torch's FlopCounterMode on the first
-    warm-up step: exact for the reference provider; Triton kernels are invisible to the counter)."""
+    warm-up step: exact for the reference provider; Triton kernels are invisible to the counter). The run is
+    ``fdfast train``'s (``build_fd_run``: bf16 autocast on CUDA, the teacher stored in bf16) stepped by its
+    ``train_step`` on one batch repeated."""
+    import itertools
+
     from torch.utils.flop_counter import FlopCounterMode
 
     from fdfast.distributed import DistInfo
-    from fdfast.train import build_parts
-    info = DistInfo(device=device)
+    from fdfast.run import build_fd_run
+    from fdfast.runtime import Runtime, resolve_precision
+    from fdfast.step import train_step
     torch.manual_seed(0)
-    parts = build_parts(cfg, info, amp_dtype=None)  # lr scaled by the global batch = cfg.data.batch_size here
-    distiller, loader, optimizer = parts.distiller, parts.loader, parts.optimizer
-    amp = torch.bfloat16 if device.type == "cuda" else None
-    images = next(loader).to(device)
+    run = build_fd_run(cfg, Runtime(DistInfo(device=device), resolve_precision(cfg.runtime.precision, device)))
+    batches = itertools.repeat(next(run.loader).to(device))
+    run.task.train()
     times = []
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -251,18 +261,12 @@ def step_time(cfg: Config, device: torch.device, repeats: int) -> tuple[list[flo
     counter = FlopCounterMode(display=False)
     for i in range(repeats + 2):  # two warm-up steps
         t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
         with counter if i == 0 else contextlib.nullcontext():
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                loss = distiller(images)
-            loss.backward()
-        optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+            train_step(run, batches, i + 1)  # ends in its one host sync
         if i >= 2:
             times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-    loader.close()
+    run.loader.close()
     return times, peak, counter.get_total_flops()
 
 

@@ -52,8 +52,6 @@ def _query(text: str | None):
 
 
 def main(args: argparse.Namespace) -> int:
-    import torch
-
     from fdfast.diagnostics.inputs import image_paths, load_model_under_test
     from fdfast.diagnostics.run import diagnose
 
@@ -61,7 +59,8 @@ def main(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise FDFastError(f"--{name.replace('_', '-')} must be at least 1")
     query = _query(args.query)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    from fdfast.runtime import resolve_device
+    device = str(resolve_device(args.device))
     first = load_model_under_test(args.model, args.img_size, device)
     models = [first]
     if args.model2:

@@ -132,7 +132,7 @@ def trained_projection(path: Path, model: nn.Module):
     tensors = load_file(str(file))
     if "proj.weight" not in tensors:
         return None
-    from fdfast.checkpoint import split_trainable
+    from fdfast.distill import split_trainable
     student, _ = split_trainable(tensors)
     own = model.state_dict()
     if set(student) != set(own) or any(not torch.equal(student[k], own[k].detach().cpu()) for k in own):

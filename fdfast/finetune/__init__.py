@@ -12,16 +12,28 @@ DIR/summary.json (top1, top5, best_epoch).
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
+from fdfast import runtime
 from fdfast.config import add_run_arguments, config_from_cli
-from fdfast.finetune.config import FinetuneConfig, load_finetune_config
-from fdfast.finetune.loop import finetune
+from fdfast.finetune.config import FinetuneConfig, load_finetune_config, validate
 
 __all__ = ["FinetuneConfig", "load_finetune_config", "finetune", "register"]
 
 FLAG_KEYS = {"data": "data.path", "val": "data.val_path", "epochs": "optim.epochs", "batch_size": "data.batch_size",
              "img_size": "data.img_size", "device": "runtime.device"}
+
+
+def finetune(cfg: FinetuneConfig, model_spec: str, out_dir: str | Path | None, resume: str | None = None) -> dict:
+    """Fine-tune MODEL for cfg.optim.epochs on the shared run (fdfast.run.build_finetune_run) and loop
+    (fdfast.train.fit); returns the summary (also DIR/summary.json). A library call: no process-wide settings."""
+    from fdfast.run import build_finetune_run
+    from fdfast.train import RunDir, fit
+    validate(cfg)
+    rt = runtime.resolve(cfg.runtime)
+    with RunDir(out_dir, resume, rt.info, "fdfast finetune") as run_dir:
+        return fit(build_finetune_run(cfg, model_spec, rt), run_dir)
 
 
 def register(subparsers) -> None:
@@ -47,7 +59,10 @@ def config_from_args(args: argparse.Namespace) -> tuple[FinetuneConfig, Path]:
 
 def run_cli(args: argparse.Namespace) -> int:
     cfg, out = config_from_args(args)
+    runtime.apply(cfg.runtime)  # the process-wide settings, here at the edge (glibc malloc on CPU runs)
     s = finetune(cfg, args.model, out, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     print(f"fdfast finetune: top-1 {s['top1']:.2f}  top-5 {s['top5']:.2f} (best of {s['epochs']} epochs: epoch "
           f"{s['best_epoch']}) in {s['wall_s']:.0f}s -> {out / 'best.safetensors'}")
     return 0

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 
-from fdfast.config import ConfigTree, apply_overrides, check_choices, load_recipe
+from fdfast.config import (CkptConfig, ConfigTree, DistConfig, RuntimeConfig, apply_overrides, check_choices,
+                           load_recipe)
 from fdfast.errors import FDFastError
 
 AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"  # RandAugment, magnitude 9, magnitude std 0.5, increasing ops (METHOD.md)
@@ -60,22 +61,22 @@ class FTOptimConfig:
     weight_decay: float = 0.05  # none on 1-D params, biases, tokens, position tables
     betas: tuple[float, float] = (0.9, 0.999)
     clip_grad: float | None = 5.0
+    accum_steps: int = 1  # micro-batches per optimizer step (the global batch: batch_size x accum_steps x ranks)
+    fused: Literal["auto", "true", "false"] = "auto"  # fused AdamW; auto: on CUDA and the CPU
     ema: bool = False  # timm ModelEmaV3 beside the model (its top-1/top-5 logged too)
     ema_decay: float = 0.9999
 
 
 @dataclass
-class FTCkptConfig:
-    keep: int = 1  # committed "last" checkpoints kept (the best model is best.safetensors)
+class FTCkptConfig(CkptConfig):
+    every: int = 0  # steps between committed checkpoints; 0: one at each epoch's end
+    keep: int = 1  # committed checkpoints kept (the best model is best.safetensors)
 
 
 @dataclass
-class FTRuntimeConfig:
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA / CPUs with native bf16
-    malloc: Literal["auto", "default"] = "auto"  # auto: glibc keeps freed memory on CPU runs (fdfast.hostmem)
-    seed: int = 0  # model init (head) and drop path; data.seed moves the data
-    progress: bool = True
+class FTRuntimeConfig(RuntimeConfig):
+    seed: int = 0  # model init (head), drop path and Mixup; data.seed moves the data
+    log_every: int = 0  # steps between metrics rows; 0: one row per epoch, with its evaluation
     tensorboard: bool = False
 
 
@@ -86,6 +87,7 @@ class FinetuneConfig(ConfigTree):
     data: FTDataConfig = field(default_factory=FTDataConfig)
     optim: FTOptimConfig = field(default_factory=FTOptimConfig)
     ckpt: FTCkptConfig = field(default_factory=FTCkptConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     runtime: FTRuntimeConfig = field(default_factory=FTRuntimeConfig)
 
     def checked(self) -> "FinetuneConfig":
@@ -99,7 +101,9 @@ def validate(cfg: FinetuneConfig) -> FinetuneConfig:
     for key, value, low in (("optim.epochs", o.epochs, 1), ("data.batch_size", d.batch_size, 2),
                             ("data.num_workers", d.num_workers, 0), ("data.train_per_class", d.train_per_class, 0),
                             ("data.val_per_class", d.val_per_class, 0),
-                            ("ckpt.keep", cfg.ckpt.keep, 1), ("optim.warmup_epochs", o.warmup_epochs, 0)):
+                            ("ckpt.keep", cfg.ckpt.keep, 1), ("ckpt.every", cfg.ckpt.every, 0),
+                            ("optim.accum_steps", o.accum_steps, 1), ("runtime.log_every", cfg.runtime.log_every, 0),
+                            ("optim.warmup_epochs", o.warmup_epochs, 0)):
         if value < low:
             raise FDFastError(f"{key} must be >= {low}, got {value}")
     if o.base_lr <= 0:
