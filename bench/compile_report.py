@@ -13,7 +13,8 @@ MMA; "none": FMA loops, as IEEE fp32 must).
 
 Rows are written as they are compiled (a run cut short keeps what it did): DIR/compile_report_triton-X.Y.txt
 gets one line per config, DIR/compile_report_triton-X.Y.json is rewritten after each. A config is "ok" when it
-spills nothing and its shared memory fits the 227 KiB a block may opt into on sm_90.
+spills nothing and its shared memory fits the 227 KiB a block may opt into on sm_90; the exit status is 1 when a
+bf16 / fp16 config is not (fp32, the IEEE correctness path, spills at head dims >= 64 and is reported only).
 """
 from __future__ import annotations
 
@@ -205,7 +206,7 @@ HEADER = (f"{'kernel':<15} {'workload':<20} {'dtype':<5} {'tiles':<26} {'w':>2} 
 
 def format_row(r) -> str:
     tiles = " ".join(f"{k.replace('BLOCK_', '')}={v}" for k, v in r["tiles"].items())
-    flags = "".join(f" {k}" for k in ("STORE_DBIAS",) if r["flags"].get(k) is False)
+    flags = " no dbias" if r["flags"].get("STORE_DBIAS") is False and "no bias" not in r["workload"] else ""
     return (f"{r['kernel']:<15} {r['workload'] + flags:<20} {r['dtype']:<5} {tiles:<26} {r['num_warps']:>2} "
             f"{r['num_stages']:>1} {r['registers']:>4} {r['spill_bytes']:>5} {r['shared_bytes'] / 1024:>8.1f} "
             f"{r['tensor_cores']:<8} {'yes' if r['ok'] else 'NO ':<4} {r['specialisation']}")
@@ -254,7 +255,8 @@ def main(argv=None) -> int:
     with open(txt, "a") as f:
         f.write(summary(rows) + "\n")
     print(summary(rows))
-    return 0 if all(r["ok"] for r in rows) else 1
+    # fp32 is the correctness path (IEEE products in small tiles): its spills are known and accepted
+    return 0 if all(r["ok"] for r in rows if r["dtype"] != "fp32") else 1
 
 
 if __name__ == "__main__":

@@ -50,12 +50,14 @@ stage() {  # stage NAME CMD...: output to $OUT/NAME.log, a row with rc and secon
   return $rc
 }
 
-pinned() {  # the venv already holds the pinned versions
-  "$PY" - "$TORCH" "$TRITON" "$TIMM" <<'EOF' > /dev/null 2>&1
-import sys, numpy, timm, torch, triton
-want_torch, want_triton, want_timm = sys.argv[1:4]
+pinned() {  # the venv already holds the pinned versions and this tree's fdfast (editable)
+  "$PY" - "$TORCH" "$TRITON" "$TIMM" "$ROOT" <<'EOF' > /dev/null 2>&1
+import os, sys, numpy, timm, torch, triton
+import fdfast.kernels
+want_torch, want_triton, want_timm, root = sys.argv[1:5]
 ok = (torch.__version__.split("+")[0] == want_torch and triton.__version__ == want_triton
-      and timm.__version__ == want_timm and tuple(map(int, numpy.__version__.split(".")[:2])) < (2, 4))
+      and timm.__version__ == want_timm and tuple(map(int, numpy.__version__.split(".")[:2])) < (2, 4)
+      and os.path.samefile(os.path.dirname(fdfast.kernels.__file__), os.path.join(root, "kernels")))
 sys.exit(0 if ok else 1)
 EOF
 }
@@ -71,8 +73,9 @@ install() {
 }
 
 pinned || stage install install || { echo "device_env: the install failed (see $OUT/install.log)"; exit 1; }
-"$PY" -c "import sys, torch, triton, timm, numpy; print('twin: python', sys.version.split()[0], 'torch', torch.__version__,
-      'triton', triton.__version__, 'timm', timm.__version__, 'numpy', numpy.__version__)" | tee "$OUT/versions.txt"
+"$PY" -c "import sys, torch, triton, timm, numpy; print('twin: python', sys.version.split()[0], 'torch',
+      torch.__version__, 'triton', triton.__version__, 'timm', timm.__version__, 'numpy', numpy.__version__)" \
+  | tee "$OUT/versions.txt"
 
 KERNEL_TESTS="tests/test_fd_loss_kernel.py tests/test_fd_loss_reference.py tests/test_rpb_attention.py
   tests/test_cpu_linear.py tests/test_gpu_launch.py tests/test_compile_report.py tests/test_gpu_check.py

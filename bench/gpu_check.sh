@@ -123,11 +123,15 @@ else
 fi
 
 # ---- 2. the budget: compiles per step, counted on fake CUDA tensors, priced by the compile report -------------
-$PY bench/gpu_budget.py --json "$WORK/budget.json" > "$WORK/budget.log" 2>&1 || stop "bench/gpu_budget.py failed: $(tail -n 3 "$WORK/budget.log")"
+$PY bench/gpu_budget.py --json "$WORK/budget.json" > "$WORK/budget.log" 2>&1 \
+  || stop "bench/gpu_budget.py failed: $(tail -n 3 "$WORK/budget.log")"
 cat "$WORK/budget.log"
 ESTIMATE=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['estimate_s'])" "$WORK/budget.json")
-limit_of() { $PY -c "import json,sys; print(json.load(open(sys.argv[1]))['steps'][sys.argv[2]]['limit_s'])" "$WORK/budget.json" "$1"; }
-log "estimate: ${ESTIMATE} s ($(( ESTIMATE / 60 )) min $(( ESTIMATE % 60 )) s) of a ${BUDGET} s budget; extra tests only in the time left"
+limit_of() {  # a step's limit in the budget
+  $PY -c "import json,sys; print(json.load(open(sys.argv[1]))['steps'][sys.argv[2]]['limit_s'])" "$WORK/budget.json" "$1"
+}
+log "estimate: ${ESTIMATE} s ($(( ESTIMATE / 60 )) min $(( ESTIMATE % 60 )) s) of a ${BUDGET} s budget;" \
+  "extra tests only in the time left"
 if [ "$ESTIMATE" -gt "$BUDGET" ]; then
   log "the estimate is over the budget: steps are cut to what is left"
   [ $MODE = dry ] && FAILED=1
@@ -161,13 +165,16 @@ if [ $MODE = run ]; then
   step gpu_tests "$(limit_of gpu_tests)" $PYTEST -rA $TIMEOUT_OPT -k "not extra" --junitxml="$WORK/gpu_tests.xml" $TESTS
   # ---- 4. the quick benches (rows, autotune choices into $WORK), the planner against the device -------------
   step bench_loss "$(limit_of bench_loss)" $PY bench/run.py --suite loss --device cuda --quick --results "$WORK"
-  step bench_attention "$(limit_of bench_attention)" $PY bench/run.py --suite attention --device cuda --quick --results "$WORK"
+  step bench_attention "$(limit_of bench_attention)" \
+    $PY bench/run.py --suite attention --device cuda --quick --results "$WORK"
   step bench_e2e "$(limit_of bench_e2e)" $PY bench/run.py --suite e2e --device cuda --quick --results "$WORK"
   step plan_check "$(limit_of plan_check)" $PY bench/plan_check.py --quick --out "$WORK"
   # ---- 5. the device's own Triton: one bf16 config of every kernel (rows written as they compile) ------------
-  step compile_report "$(limit_of compile_report)" $PY bench/compile_report.py --out "$WORK" --dtypes bf16 --one-per-kernel
+  step compile_report "$(limit_of compile_report)" \
+    $PY bench/compile_report.py --out "$WORK" --dtypes bf16 --one-per-kernel
   # ---- 6. the extra GPU cases (awkward shapes, fp16) in whatever time is left -------------------------------
-  step gpu_tests_extra "$(limit_of gpu_tests_extra)" $PYTEST -rA $TIMEOUT_OPT -k extra --junitxml="$WORK/gpu_tests_extra.xml" $TESTS
+  step gpu_tests_extra "$(limit_of gpu_tests_extra)" \
+    $PYTEST -rA $TIMEOUT_OPT -k extra --junitxml="$WORK/gpu_tests_extra.xml" $TESTS
 else
   # ---- dry run: every step's code on the CPU; any failure fails the run -------------------------------------
   step gpu_tests_collect 120 $PYTEST --collect-only -q -k "not extra" $TESTS
@@ -175,10 +182,12 @@ else
   step compile_report 240 $PY bench/compile_report.py --out "$WORK" --dtypes bf16 --one-per-kernel
   step plan_check 240 $PY bench/plan_check.py --dry-run --out "$WORK"
   step bench_loss 300 $PY bench/run.py --suite loss --device cpu --quick --results "$WORK"
-  step bench_attention 300 env TRITON_INTERPRET=1 $PY bench/run.py --suite attention --device cpu --quick --results "$WORK"
+  step bench_attention 300 \
+    env TRITON_INTERPRET=1 $PY bench/run.py --suite attention --device cpu --quick --results "$WORK"
   step bench_e2e 600 $PY bench/run.py --suite e2e --device cpu --quick --results "$WORK"
   for name in gpu_tests_collect gpu_tests_extra_collect; do  # a collection that finds nothing proves nothing
-    grep -qE "^[1-9][0-9]*(/[0-9]+)? tests? collected" "$WORK/$name.log" || { log "$name: no GPU test collected"; FAILED=1; }
+    grep -qE "^[1-9][0-9]*(/[0-9]+)? tests? collected" "$WORK/$name.log" \
+      || { log "$name: no GPU test collected"; FAILED=1; }
   done
   kernels=$($PY -c "import json,sys; print(len({r['kernel'] for r in json.load(open(sys.argv[1]))['configs']}))" \
     "$WORK"/compile_report_triton-*.json 2>/dev/null || echo 0)
@@ -197,9 +206,12 @@ summarize() {
     grep -hE '^(FAILED|ERROR) ' "$WORK/$log_name.log" 2>/dev/null | head -n 12
   done
   for f in "$WORK"/compile_report_triton-*.txt; do [ -f "$f" ] && echo "compile report: $(tail -n 1 "$f")"; done
-  [ -f "$WORK/attention_autotune.json" ] && echo "autotune choices: $($PY -c "import json,sys; print(len(json.load(open(sys.argv[1]))))" "$WORK/attention_autotune.json") keys (attention_autotune.json)"
+  [ -f "$WORK/attention_autotune.json" ] && echo "autotune choices: $($PY -c \
+    "import json,sys; print(len(json.load(open(sys.argv[1]))))" "$WORK/attention_autotune.json") keys" \
+    "(attention_autotune.json; each choice's timings: TRITON_PRINT_AUTOTUNING lines in the step logs)"
   $PY bench/summarize.py "$WORK" 2>/dev/null || true
-  echo "estimate ${ESTIMATE}s; total ${SECONDS}s of ${STEPS_BUDGET}s; $(basename "$OUT")/gpu_check.tar.gz holds the logs and rows"
+  echo "estimate ${ESTIMATE}s; total ${SECONDS}s of ${STEPS_BUDGET}s;" \
+    "$(basename "$OUT")/gpu_check.tar.gz holds the logs and rows"
 }
 summarize | tee "$OUT/summary.txt"
 pack

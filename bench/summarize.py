@@ -33,5 +33,19 @@ def summarize(folder: Path) -> list[str]:
     return lines
 
 
+def bias_cost(folder: Path) -> list[str]:
+    """The attention suite's bias-cost rows: the Triton path with / without the learned bias and its gradient."""
+    path = folder / "attention.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    lines = []
+    for r in rows:
+        if not r["provider"].startswith("bias_cost:"):
+            continue
+        kernels = ", ".join(f"{k} {v:.3f}" for k, v in (r.get("kernel_ms") or {}).items())
+        lines.append(f"bias cost {r['shape']:<12} {r['mode']:<4} {r['provider'][10:]:<9} {r['ms_min']:8.3f} ms "
+                     f"({r['speedup']:.2f}x of the with-bias time){'; kernels ms: ' + kernels if kernels else ''}")
+    return lines
+
+
 if __name__ == "__main__":
-    print("\n".join(summarize(Path(sys.argv[1]))))
+    print("\n".join(summarize(Path(sys.argv[1])) + bias_cost(Path(sys.argv[1]))))

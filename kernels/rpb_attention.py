@@ -18,16 +18,17 @@ store an N x N matrix per batch element:
   the chunk's dbias partial with atomic adds of which it is the only issuer (single writer, program order:
   deterministic, and no load-after-store for the software pipeliner to reorder).
 - the [C, H, Np, Np] fp32 partials are summed over C in a fixed order on the host: dbias repeats bit for bit.
-- on CUDA the tiles are autotuned per (N, D, mask, dtype) over a short config list (pruned by head dim; the
-  list is compiled for sm_90 without a GPU by bench/compile_report.py). Autotuning can pick another config
-  in another process: results are bit-identical within a process, close (not equal) across processes.
+- on CUDA the tiles are autotuned per (B, N, D, mask, dbias or not, dtype) over a short config list (pruned by
+  head dim; every launch is compiled for sm_90 without a GPU by bench/compile_report.py). Autotuning can pick
+  another config in another process: results are bit-identical within a process, close (not equal) across
+  processes; ``autotune_choices()`` says what this process chose.
 - head dims that are not a power of two (80) are padded to the next one inside, with masked loads.
 
 Backends: "triton" (CUDA, or CPU tensors under TRITON_INTERPRET=1), "reference" (the fp32 specification
 in ``reference.py``), "sdpa" (PyTorch SDPA with the bias as a float mask), and "auto": Triton on CUDA
-when there is a bias or mask and D <= 128 (plain attention goes to SDPA's flash kernel); on the CPU in bf16 /
-fp16 ``_cpu_low_precision_attention`` (bmm-based, logits and softmax in fp32, the rest in the input dtype);
-SDPA on the CPU in fp32. Under torch.compile the Triton path is a graph break.
+when there is a bias or mask and D <= 128 (plain attention goes to SDPA's flash kernel, fp64 to the
+reference); on the CPU in bf16 / fp16 ``_cpu_low_precision_attention`` (bmm-based, logits and softmax in fp32,
+the rest in the input dtype); SDPA on the CPU in fp32. Under torch.compile the Triton path is a graph break.
 """
 from __future__ import annotations
 

@@ -21,7 +21,8 @@ from fdfast.kernels.utils import SM90_MAX_SHARED_BYTES  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 REPORT = RESULTS / f"{STEM}.json"
-MATMUL_KERNELS = {"fd_loss_fwd_kernel", "fd_loss_dS_kernel", "attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq", "attn_bwd_small"}
+MATMUL_KERNELS = {"fd_loss_fwd_kernel", "fd_loss_dS_kernel", "attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq",
+                  "attn_bwd_small"}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,8 @@ def test_report_covers_every_current_launch_of_the_current_sources(report, launc
     assert not missing, f"launches not in the report (rerun bench/compile_report.py): {missing[:2]}"
     assert len(launches) >= 60
     hashes = {c["name"].lstrip("_"): source_hash(c["jit"]) for c in launches}
-    stale = {r["kernel"] for r in report["configs"] if r["kernel"] in hashes and r["source_hash"] != hashes[r["kernel"]]}
+    stale = {r["kernel"] for r in report["configs"]
+             if r["kernel"] in hashes and r["source_hash"] != hashes[r["kernel"]]}
     assert not stale, f"kernel sources changed since the report (rerun bench/compile_report.py): {sorted(stale)}"
 
 
