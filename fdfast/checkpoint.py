@@ -1,4 +1,4 @@
-"""Checkpoints: atomic save, a COMMITTED marker with every file's size and CRC-32 written last, verified resume.
+"""Checkpoints on disk: a COMMITTED marker with every file's size and CRC-32, verified resume, lineage, recovery.
 
 Layout of a run directory::
 
@@ -7,10 +7,23 @@ Layout of a run directory::
                                                rank: {"model": student + projection, "optim": AdamW state}
     DIR/checkpoints/step-N/train_state.pt      scheduler, scaler, RNG of every rank, loader position, config
                                                (+ the full optimizer state in the full format)
-    DIR/checkpoints/step-N/COMMITTED           written last: JSON with the size and CRC-32 of every file above;
-                                               a step directory without it is ignored, one whose files disagree
-                                               with it is damaged (reported in one line, skipped by --resume auto)
+    DIR/checkpoints/step-N/COMMITTED           JSON: the size and CRC-32 of every file above, the step, the branch,
+                                               the commit's sequence number; written into the finished temporary
+                                               folder last, so a step directory is committed by the one rename that
+                                               puts it in place. One without it is ignored (and removed at the next
+                                               start); one whose files disagree with it is damaged (reported in one
+                                               line, skipped by --resume auto)
+    DIR/checkpoints/abandoned-<time>/          steps of a branch left by an explicit --resume to an earlier step (and
+                                               the run's final files of that branch), with ABANDONED: what and why
     DIR/student.safetensors + DIR/COMMITTED    the student alone (timm keys), written at the end, and its record
+
+The guarantees (the checkpointer writes, ``recover`` repairs at start-up under the run-dir lock):
+- a committed step is never deleted before its replacement is committed: a step saved again is swapped in by
+  ``fdfast.io.publish_dir`` (old renamed aside, new renamed in, old removed), and ``recover`` finishes or rolls
+  back a swap a crash cut short; pruning renames a step out of sight before deleting it;
+- the current branch is what ``checkpoints/step-*`` holds: a resume that continues from an earlier step moves every
+  later step out of the way first (``start_branch``), so --resume auto, pruning and export never see another branch;
+- every publish is fsynced (files, marker, the checkpoints folder) by ``fdfast.io``.
 
 Everything loads with ``torch.load(weights_only=True)`` / safetensors / DCP. Steps are found by their number,
 never by file times. The checksum is zlib's CRC-32, streamed in 1 MiB chunks: it catches truncation, torn
@@ -21,7 +34,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
+import shutil
 import sys
 import time
 import warnings
@@ -32,13 +47,17 @@ import torch
 from safetensors.torch import load_file, safe_open
 
 from fdfast.errors import FDFastError
-from fdfast.io import atomic_save_safetensors, atomic_write_text
+from fdfast import io
+from fdfast.io import atomic_save_safetensors, atomic_write_json, atomic_write_text
 
 COMMITTED = "COMMITTED"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 STUDENT_META_KEY = "fdfast_model"  # safetensors metadata: JSON of the student's ModelConfig
 DCP_DIR = "dcp"  # the torch.distributed.checkpoint folder inside a step directory
 CHUNK = 1 << 20  # bytes read per CRC update
+ABANDONED_PREFIX, JOURNAL = "abandoned-", "ABANDONED"  # a left branch's folder, and its record (written first)
+# the run's files written after its last step: they belong to the branch that wrote them
+RUN_OUTPUTS = ("student.safetensors", COMMITTED, "summary.json", "model.safetensors", "best.safetensors")
 
 
 @contextlib.contextmanager
@@ -148,17 +167,36 @@ def _check_safetensors(path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- finding checkpoints
+def is_committed(folder: Path) -> bool:
+    return (Path(folder) / COMMITTED).is_file()
+
+
+def marker_field(folder: Path, key: str, default=0):
+    """One field of ``folder``'s COMMITTED marker (``default`` when it is absent or the marker unreadable)."""
+    try:
+        return json.loads((Path(folder) / COMMITTED).read_text()).get(key, default)
+    except (OSError, ValueError, AttributeError):
+        return default
+
+
 def committed_steps(run_dir: Path) -> list[tuple[int, Path]]:
-    """(step, directory) of every checkpoint with a COMMITTED marker (intact or not), oldest first."""
+    """(step, directory) of every checkpoint of the run's current branch with a COMMITTED marker (intact or not),
+    oldest first. A step a crash caught in the middle of being replaced counts with its old copy (until ``recover``
+    finishes the swap); steps a move to ``abandoned-*`` was cut short on are not the current branch."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    out = []
+    found: dict[int, Path] = {}
     for d in root.iterdir():
         m = STEP_DIR.match(d.name)
-        if m and (d / COMMITTED).is_file():
-            out.append((int(m.group(1)), d))
-    return sorted(out)
+        if m and is_committed(d):
+            found[int(m.group(1))] = d
+    for d in root.glob(f".step-*{io.ASIDE_SUFFIX}"):  # publish_dir's aside copy: the new one is not in yet
+        m = STEP_DIR.match(d.name[1:-len(io.ASIDE_SUFFIX)])
+        if m and int(m.group(1)) not in found and is_committed(d):
+            found[int(m.group(1))] = d
+    leaving = {(int(k), seq) for j in _journals(root) if not j.get("done") for k, seq in j["steps"].items()}
+    return sorted((s, d) for s, d in found.items() if not leaving or (s, marker_field(d, "seq")) not in leaving)
 
 
 def latest_committed(run_dir: Path) -> Path | None:
@@ -199,6 +237,110 @@ def resolve_resume(run_dir: Path, resume: str | None, quiet: bool = False) -> Pa
 
 def is_dcp(ckpt_dir: Path) -> bool:
     return (Path(ckpt_dir) / DCP_DIR).is_dir()
+
+
+# ----------------------------------------------------------------------------- lineage and recovery
+def where_to_resume(run_dir: Path | None) -> str:
+    """For one-line errors: the newest intact checkpoint of the run, named."""
+    latest = latest_intact(run_dir, quiet=True) if run_dir is not None else None
+    return f"the newest intact checkpoint is {latest}" if latest else "no checkpoint of this run is committed yet"
+
+
+def next_seq(run_dir: Path) -> int:
+    """The sequence number of the next commit in the run (1 + the newest recorded anywhere under checkpoints/)."""
+    root = Path(run_dir) / "checkpoints"
+    seqs = [marker_field(m.parent, "seq") for m in root.glob(f"*/{COMMITTED}")]
+    seqs += [marker_field(m.parent, "seq") for m in root.glob(f"{ABANDONED_PREFIX}*/*/{COMMITTED}")]
+    return 1 + max(seqs, default=0)
+
+
+def _journals(root: Path) -> list[dict]:
+    out = []
+    for path in sorted(root.glob(f"{ABANDONED_PREFIX}*/{JOURNAL}")):
+        try:
+            out.append(dict(json.loads(path.read_text()), folder=path.parent))
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def branch_of(run_dir: Path, resumed: Path | None) -> int:
+    """The branch a run continues: the resumed checkpoint's, or a newer one a resume in this run dir started."""
+    known = [j.get("branch", 0) for j in _journals(Path(run_dir) / "checkpoints")]
+    if resumed is not None:
+        known.append(marker_field(resumed, "branch"))
+    return max(known, default=0)
+
+
+def start_branch(run_dir: Path, resumed: Path, why: str) -> tuple[int, Path | None, list[int]]:
+    """Make ``resumed`` the newest checkpoint of ``run_dir``'s current branch: every committed step after it (all of
+    them when it lies in another run) and the run's final files move into ``checkpoints/abandoned-<UTC time>/``,
+    whose ABANDONED record is written first (``recover`` finishes a move a crash cut short). Returns (the branch the
+    run continues as, the folder or None, the steps moved). Under the run-dir lock."""
+    run_dir, resumed = Path(run_dir), Path(resumed)
+    root = run_dir / "checkpoints"
+    inside = resumed.parent.resolve() == root.resolve()
+    step = int(marker_field(resumed, "step", -1))
+    later = [(s, d) for s, d in committed_steps(run_dir) if not inside or s > step]
+    if not later:
+        return branch_of(run_dir, resumed), None, []
+    branch = 1 + max([marker_field(d, "branch") for d in root.glob(f"*/{COMMITTED}")]
+                     + [marker_field(d, "branch") for d in root.glob(f"{ABANDONED_PREFIX}*/*/{COMMITTED}")]
+                     + [j.get("branch", 0) for j in _journals(root)])
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    folder, n = root / f"{ABANDONED_PREFIX}{stamp}", 1
+    while folder.exists():
+        n += 1
+        folder = root / f"{ABANDONED_PREFIX}{stamp}-{n}"
+    journal = {"time": time.time(), "why": why, "resumed_from": str(resumed), "branch": branch,
+               "steps": {str(s): marker_field(d, "seq") for s, d in later},
+               "files": [n for n in RUN_OUTPUTS if (run_dir / n).is_file()], "done": False}
+    with io.writing(folder):
+        folder.mkdir()
+        atomic_write_json(folder / JOURNAL, journal, indent=1)
+        io.fsync_dir(root)
+    _move_abandoned(run_dir, dict(journal, folder=folder))
+    return branch, folder, [s for s, _ in later]
+
+
+def _move_abandoned(run_dir: Path, journal: dict) -> None:
+    """Carry out an ABANDONED record (again, after a crash: what already moved is skipped)."""
+    root, folder = run_dir / "checkpoints", Path(journal["folder"])
+    with io.writing(folder):
+        for s, seq in journal["steps"].items():
+            d = root / f"step-{s}"
+            if is_committed(d) and marker_field(d, "seq") == seq:
+                os.rename(d, folder / d.name)
+        for name in journal["files"]:
+            if (run_dir / name).is_file() and not (folder / name).exists():
+                os.rename(run_dir / name, folder / name)
+        for d in (folder, root, run_dir):
+            io.fsync_dir(d)
+        record = {k: v for k, v in journal.items() if k != "folder"}
+        atomic_write_json(folder / JOURNAL, dict(record, done=True), indent=1)
+
+
+def recover(run_dir: Path) -> list[str]:
+    """Repair what a killed writer left in ``run_dir`` (at start-up, under the run-dir lock): a step replacement
+    cut short is finished or rolled back, a move to ``abandoned-*`` is finished, temporary files and folders and
+    step folders without a marker are removed. Returns one phrase per thing done (for one line on stderr)."""
+    run_dir = Path(run_dir)
+    root = run_dir / "checkpoints"
+    done = [f"{what} the interrupted replacement of checkpoints/{final.name}"
+            for what, final in io.recover_dirs(root, complete=is_committed)]
+    for journal in _journals(root):
+        if not journal.get("done"):
+            _move_abandoned(run_dir, journal)
+            done.append(f"finished moving steps {', '.join(journal['steps'])} to {journal['folder'].name}/")
+    stale = [p.relative_to(run_dir) for p in io.remove_temp(root) + io.remove_temp(run_dir)]
+    for d in sorted(root.iterdir()) if root.is_dir() else ():
+        if STEP_DIR.match(d.name) and d.is_dir() and not is_committed(d):
+            with io.writing(d):
+                shutil.rmtree(d)
+            stale.append(d.relative_to(run_dir))
+    if stale:
+        done.append(f"removed what an interrupted run left unfinished: {', '.join(map(str, stale))}")
+    return done
 
 
 # ----------------------------------------------------------------------------- reading a step

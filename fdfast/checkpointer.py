@@ -1,4 +1,4 @@
-"""The checkpointer: a run's whole state to a committed step folder and back, for every parallelism.
+"""The checkpointer: a run's whole state to a committed step folder and back, for every parallelism; commit, prune.
 
     ckpt = Checkpointer(out_dir, rt.info, fmt="full" | "dcp", keep=2, async_save=True)
     ckpt.save(step, run, loop_state)        # a collective: every rank calls it
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from fdfast import checkpoint as ckpt
+from fdfast import io
 from fdfast.distributed import DistInfo, all_gather_object
 from fdfast.errors import FDFastError
 from fdfast.io import atomic_save_safetensors, fsync_dir
@@ -130,6 +131,12 @@ class Checkpointer:
         self.run_dir, self.info, self.fmt, self.keep = (Path(run_dir) if run_dir else None), info, fmt, keep
         self.strategy, self.command = strategy, command
         self.dcp = DcpWriter(self.run_dir, info, keep, async_save) if fmt == "dcp" and run_dir else None
+        self.branch = 0  # the run's branch (fdfast.checkpoint lineage), recorded in each COMMITTED
+
+    def set_branch(self, branch: int) -> None:
+        self.branch = branch
+        if self.dcp is not None:
+            self.dcp.branch = branch
 
     def _sharded(self) -> bool:
         return _sharded(self.strategy, self.info)
@@ -150,7 +157,7 @@ class Checkpointer:
         tensors = model_state(layout, full=True, sharded=self._sharded())
         state["optimizer"] = self.full_optimizer_state(run)
         if self.info.is_main:
-            save_full(self.run_dir, step, tensors, state, meta, self.keep)
+            save_full(self.run_dir, step, tensors, state, meta, self.keep, self.branch)
 
     def full_optimizer_state(self, run) -> dict:
         if not self._sharded():
@@ -198,28 +205,30 @@ class Checkpointer:
 
 
 # ----------------------------------------------------------------------------- full format: rank 0 writes
-def save_full(run_dir: Path, step: int, model_tensors: dict, train_state: dict, meta: dict, keep: int) -> Path:
-    """Save step-N atomically: files into a temporary folder, rename it into place, then COMMITTED."""
+def save_full(run_dir: Path, step: int, model_tensors: dict, train_state: dict, meta: dict, keep: int,
+              branch: int = 0) -> Path:
+    """Save step-N atomically: files into a temporary folder, COMMITTED into it last, then one rename (commit)."""
     try:
         tmp = fresh_tmp(run_dir, step)
         atomic_save_safetensors(model_tensors, tmp / "model.safetensors",
                                 metadata={ckpt.STUDENT_META_KEY: json.dumps(meta)})
         save_train_state(train_state, tmp)
-        return commit(run_dir, step, tmp, ckpt.records(tmp), "full", keep)
-    except OSError as e:  # a full disk (ENOSPC), a quota, a read-only folder
+        return commit(run_dir, step, tmp, ckpt.records(tmp), "full", keep, branch)
+    except (OSError, io.WriteFailed) as e:  # a full disk (ENOSPC), a quota, an I/O error, a read-only folder
         raise unwritable(run_dir, step, e) from None
 
 
-def unwritable(run_dir: Path, step: int, error: OSError) -> FDFastError:
+def unwritable(run_dir: Path, step: int, error: BaseException) -> FDFastError:
     """The one-line error for a checkpoint that could not be written; its partial folder is removed first (the
     committed ones are never touched), so the disk is not left fuller and --resume auto finds the newest."""
+    error = error.error if isinstance(error, io.WriteFailed) else error
     root = Path(run_dir) / "checkpoints"
-    for partial in (root / f".tmp-step-{step}", root / f"step-{step}"):
-        if partial.is_dir() and not (partial / ckpt.COMMITTED).is_file():
-            shutil.rmtree(partial, ignore_errors=True)
-    latest = ckpt.latest_committed(run_dir)
-    return FDFastError(f"cannot write checkpoint step-{step} in {root}: {error.strerror or error}; the newest "
-                       f"committed checkpoint is {latest.name if latest else 'none'}: free space, then --resume auto")
+    partial = root / f".tmp-step-{step}"
+    if partial.is_dir():
+        shutil.rmtree(partial, ignore_errors=True)
+    fix = io.WriteFailed(root, error).fix if isinstance(error, OSError) else "check the disk"
+    return FDFastError(f"cannot write checkpoint step-{step} in {root}: {getattr(error, 'strerror', None) or error}; "
+                       f"{ckpt.where_to_resume(run_dir)}: {fix}, then --resume auto")
 
 
 def fresh_tmp(run_dir: Path, step: int) -> Path:
@@ -233,24 +242,42 @@ def fresh_tmp(run_dir: Path, step: int) -> Path:
 
 def save_train_state(state: dict, folder: Path) -> None:
     with open(folder / "train_state.pt", "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+        torch.save(state, f)  # fsynced with the folder when it is published (commit)
 
 
-def commit(run_dir: Path, step: int, tmp: Path, files: dict, fmt: str, keep: int) -> Path:
-    """Rename a finished temporary step folder into place, write its marker last, drop old checkpoints."""
+def commit(run_dir: Path, step: int, tmp: Path, files: dict, fmt: str, keep: int, branch: int = 0) -> Path:
+    """Publish a finished temporary step folder as step-N, then prune the branch.
+
+    COMMITTED (files, step, format, branch, the commit's sequence number) is written into the folder last, and one
+    rename puts the folder in place (``io.publish_dir``, fsynced): a step-N being saved again (a run resumed at
+    its last step) is renamed aside first and removed only once the new one is in, so there is no moment without
+    a committed step-N; ``checkpoint.recover`` finishes or rolls back a swap a crash cut short."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"step-{step}"
-    if final.exists():  # an uncommitted leftover of a crash at this very step, or a damaged one
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_dir(root)
-    ckpt.write_marker(final, files, step=step, format=fmt)
-    fsync_dir(root)
-    for _, old in ckpt.committed_steps(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    ckpt.write_marker(tmp, files, step=step, format=fmt, branch=branch, seq=ckpt.next_seq(run_dir))
+    io.publish_dir(tmp, final, complete=ckpt.is_committed)
+    prune(run_dir, keep)
     return final
+
+
+def prune(run_dir: Path, keep: int) -> list[Path]:
+    """Keep the newest ``keep`` committed steps of the current branch, newest by commit order (the sequence number
+    in COMMITTED; the step number for markers without one). Each older one is renamed out of sight (a temporary
+    name ``recover`` removes) before its files are deleted: a kill in between never leaves a marker on half a
+    folder. Returns what was removed."""
+    if keep <= 0:
+        return []
+    root = Path(run_dir) / "checkpoints"
+    steps = sorted(ckpt.committed_steps(run_dir), key=lambda sd: (ckpt.marker_field(sd[1], "seq"), sd[0]))
+    gone = []
+    for _, old in steps[:-keep]:
+        doomed = root / f".tmp-pruned-{old.name.lstrip('.')}"
+        os.rename(old, doomed)
+        gone.append(old)
+        shutil.rmtree(doomed, ignore_errors=True)
+    if gone:
+        fsync_dir(root)
+    return gone
 
 
 # ----------------------------------------------------------------------------- DCP: every rank writes its shards
@@ -274,6 +301,7 @@ class DcpWriter:
         self.run_dir, self.info, self.keep = Path(run_dir), info, keep
         self.rank, self.world = info.rank, info.world_size
         self.async_save, self.pending = async_save, None
+        self.branch = 0  # the run's branch, recorded in each COMMITTED (set by the loop once it is known)
         # async writes run their own collectives: a separate gloo group keeps them off the training stream
         self.group = dist.new_group(backend="gloo") if self.world > 1 and self.async_save else None
 
@@ -319,7 +347,7 @@ class DcpWriter:
             self._barrier()
             return None
         files.update(ckpt.records(tmp, exclude=files))  # DCP's .metadata, train_state.pt
-        final = commit(self.run_dir, step, tmp, dict(sorted(files.items())), "dcp", self.keep)
+        final = commit(self.run_dir, step, tmp, dict(sorted(files.items())), "dcp", self.keep, self.branch)
         self._barrier()
         return final
 

@@ -40,18 +40,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
+    from fdfast.signals import sigterm_interrupts
+    command = "fdfast"
     try:
-        return int(args.func(args) or 0)
+        with sigterm_interrupts():  # SIGTERM from here on, imports included: exit 130 and one line, as Ctrl-C
+            parser = build_parser()
+            args = parser.parse_args(argv)
+            if not getattr(args, "func", None):
+                parser.print_help()
+                return 2
+            command = f"fdfast {args.command}"
+            return int(args.func(args) or 0)
     except FDFastError as e:
-        print(f"fdfast {args.command}: error: {e}", file=sys.stderr)
+        print(f"{command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        print(f"fdfast {args.command}: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        print(f"{command}: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130
 
 

@@ -1,16 +1,24 @@
-"""Files written safely: atomic writes (temp beside the target, fsync, rename, fsync the folder), the run-dir lock,
-the cache dir.
+"""Files and folders written safely: one fsync discipline, atomic files, atomic folders, the run-dir lock, the cache dir.
 
-Every file fdfast writes goes through here, so a crash or a second process never sees half a file:
+Every file and folder fdfast publishes goes through here, so a crash, a power loss or a second process never sees
+half of one, and a write that fails is one line naming the file:
 
     with atomic_path(final) as tmp:      # tmp is a fresh name in final's folder
         write_something(tmp)             # on success: fsync tmp, os.replace(tmp, final), fsync the folder
     atomic_write_json(path, obj)         # the common cases, built on atomic_path
-    with atomic_dir(final) as tmp: ...   # a whole folder, renamed into place once complete
+    publish_dir(tmp, final)              # a finished folder in place by one rename; a complete final it replaces is
+                                         # renamed aside first and removed last (never a moment without one)
+    with atomic_dir(final) as tmp: ...   # a folder built in tmp and published (racing writers: the first one wins)
+    recover_dirs(parent, complete)       # finish or roll back a publish a crash cut short (under the writers' lock)
     with run_dir_lock(dir, "fdfast train"):   # one process per run directory (flock on DIR/.lock)
+    with writing(path): ...              # ENOSPC / EIO / EROFS inside -> WriteFailed naming path (one line)
+
+The fsync discipline, in one place: a file is fsynced before it is renamed into place; the folder that holds a
+rename is fsynced after it (the new name is on disk); a folder is published only once everything inside it is.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -18,12 +26,20 @@ import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from fdfast.errors import FDFastError
 
-__all__ = ["cache_dir", "fsync_dir", "atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
-           "atomic_save_safetensors", "atomic_dir", "run_dir_lock"]
+__all__ = ["cache_dir", "WriteFailed", "writing", "fsync_file", "fsync_dir", "flush_tree", "atomic_path",
+           "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_save_safetensors", "publish_dir",
+           "atomic_dir", "recover_dirs", "is_temp_name", "remove_temp", "run_dir_lock"]
+
+# errno values that mean "this cannot be written here" (not a bug, not a missing input)
+_FIX = {errno.ENOSPC: "free space", errno.EDQUOT: "free space or raise the quota", errno.EFBIG: "free space",
+        errno.EROFS: "make the file system writable", errno.EACCES: "make the folder writable",
+        errno.EPERM: "make the folder writable", errno.EIO: "check the disk (an I/O error)"}
+ASIDE_SUFFIX = ".replaced"  # publish_dir's name for the folder being replaced: .NAME.replaced
+FSYNC_FILES_MAX = 64  # files fsynced one by one when a folder is published; beyond that, one sync(2)
 
 
 def cache_dir(*parts: str) -> Path:
@@ -37,41 +53,114 @@ def cache_dir(*parts: str) -> Path:
     return path
 
 
-def fsync_dir(path: os.PathLike) -> None:
-    """Make a rename inside ``path`` durable (a no-op where folders cannot be opened, e.g. Windows)."""
+# ----------------------------------------------------------------------------- failed writes
+class WriteFailed(FDFastError):
+    """A file or folder that could not be written (a full disk, a quota, an I/O error, a read-only file system).
+
+    ``str()`` names the path and the reason; ``fix`` says what to do. A run adds where it can resume from."""
+
+    def __init__(self, path: os.PathLike, error: OSError):
+        self.path, self.error = Path(path), error
+        self.fix = _FIX.get(error.errno, "check the disk")
+        super().__init__(f"cannot write {path}: {error.strerror or error}")
+
+
+def is_write_failure(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in _FIX
+
+
+@contextmanager
+def writing(path: os.PathLike) -> Iterator[None]:
+    """Turn a failed write inside the block (ENOSPC, EDQUOT, EFBIG, EIO, EROFS, EACCES, EPERM) into WriteFailed
+    naming ``path``; other errors (a missing input, a bug) pass unchanged."""
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
+        yield
+    except OSError as e:
+        if is_write_failure(e):
+            raise WriteFailed(path, e) from None
+        raise
+
+
+# ----------------------------------------------------------------------------- the fsync discipline
+def fsync_file(path: os.PathLike) -> None:
+    """The file's data and size on disk (before a rename publishes it)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-    except OSError:
-        pass
     finally:
         os.close(fd)
 
 
+def fsync_dir(path: os.PathLike) -> None:
+    """The names in folder ``path`` on disk (after a rename, a create or a delete inside it).
+
+    A file system that cannot fsync a folder (EINVAL: some network and FUSE file systems) makes it a no-op, as does
+    Windows (folders cannot be opened); an I/O error is raised: the rename may not be on disk."""
+    if os.name == "nt":  # pragma: no cover - no directory fsync on Windows
+        return
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def flush_tree(root: os.PathLike) -> None:
+    """Everything under folder ``root`` on disk: each file and folder fsynced (deepest first), or one sync(2) for
+    many files (an fsync costs milliseconds each: a 10,000-image cache would take tens of seconds)."""
+    root = Path(root)
+    files, folders = [], [root]
+    for p in root.rglob("*"):
+        (folders if p.is_dir() else files).append(p)
+    if len(files) > FSYNC_FILES_MAX and hasattr(os, "sync"):
+        os.sync()
+        return
+    for f in files:
+        fsync_file(f)
+    for d in sorted(folders, key=lambda d: len(d.parts), reverse=True):
+        fsync_dir(d)
+
+
+# ----------------------------------------------------------------------------- atomic files
 def _tmp_name(final: Path) -> Path:
     # pid + random: unique across processes AND threads of one process writing the same target
     return final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+def is_temp_name(name: str) -> bool:
+    """A name this module (or a checkpoint writer) gives work in progress: ``.NAME.tmp-...`` or ``.tmp-...``."""
+    return name.startswith(".") and ".tmp-" in name
+
+
+def remove_temp(folder: os.PathLike) -> list[Path]:
+    """Remove the temporary files and folders a killed writer left in ``folder`` (call it only where no other
+    writer can be at work: under the lock that keeps them out); returns what was removed."""
+    folder, removed = Path(folder), []
+    for p in sorted(folder.iterdir()) if folder.is_dir() else ():
+        if is_temp_name(p.name):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            removed.append(p)
+    if removed:
+        fsync_dir(folder)
+    return removed
 
 
 @contextmanager
 def atomic_path(final: os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``final``; on success it replaces ``final`` durably, on error it is removed."""
+    """Yield a temporary path beside ``final``; on success it replaces ``final`` durably, on error it is removed
+    (``final`` keeps its old content). A failed write is WriteFailed naming ``final``."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(final)
     try:
-        yield tmp
-        _fsync_file(tmp)
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
+        with writing(final):
+            final.parent.mkdir(parents=True, exist_ok=True)
+            yield tmp
+            fsync_file(tmp)
+            os.replace(tmp, final)
+            fsync_dir(final.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -103,52 +192,96 @@ def atomic_save_safetensors(tensors: dict, path: os.PathLike, metadata: dict | N
     return Path(path)
 
 
+# ----------------------------------------------------------------------------- atomic folders
+def _aside(final: Path) -> Path:
+    return final.with_name(f".{final.name}{ASIDE_SUFFIX}")
+
+
+def _nonempty(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.iterdir())
+
+
+def publish_dir(tmp: os.PathLike, final: os.PathLike, replace: bool = True,
+                complete: Callable[[Path], bool] = _nonempty) -> bool:
+    """Put the finished folder ``tmp`` in place as ``final`` by one rename, durably; returns whether it was.
+
+    Everything in ``tmp`` is flushed first. A ``final`` that is ``complete`` is, with ``replace``, renamed aside
+    (``.NAME.replaced``), ``tmp`` renamed in, and the old one removed only then, each step fsynced: at every moment
+    a complete ``final`` or its aside copy exists (``recover_dirs`` finishes or rolls back a crash in between).
+    Without ``replace`` a complete ``final`` is kept (a racing writer finished first) and ``tmp`` is dropped. With
+    ``replace`` an incomplete ``final`` (a leftover no reader trusts) is removed, and the caller keeps other writers
+    of ``final`` out."""
+    tmp, final = Path(tmp), Path(final)
+    parent, aside = final.parent, None
+    with writing(final):
+        flush_tree(tmp)
+        if final.exists() and complete(final):
+            if not replace:
+                shutil.rmtree(tmp, ignore_errors=True)
+                return False
+            aside = _aside(final)
+            if aside.exists():  # a leftover of a finished swap (final is complete): not needed
+                shutil.rmtree(aside)
+            os.rename(final, aside)
+            fsync_dir(parent)
+        elif final.exists() and replace:  # (an empty one is replaced by the rename itself)
+            shutil.rmtree(final)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not replace and final.exists() and complete(final):  # a racing writer finished first
+                shutil.rmtree(tmp, ignore_errors=True)
+                return False
+            if aside is not None:
+                os.rename(aside, final)  # roll back: the old one stays in place
+            raise
+        fsync_dir(parent)
+        if aside is not None:
+            shutil.rmtree(aside)
+            fsync_dir(parent)
+    return True
+
+
+def recover_dirs(parent: os.PathLike, complete: Callable[[Path], bool] = _nonempty) -> list[tuple[str, Path]]:
+    """Finish or roll back every ``publish_dir`` replacement a crash cut short in folder ``parent``: a complete new
+    ``final`` stays and its aside copy goes ("finished"); else the aside copy is put back ("rolled back"). Call it
+    under the lock that keeps writers out. Returns (what was done, final) pairs."""
+    parent, done = Path(parent), []
+    for aside in sorted(parent.glob(f".*{ASIDE_SUFFIX}")) if parent.is_dir() else ():
+        final = parent / aside.name[1:-len(ASIDE_SUFFIX)]
+        if final.exists() and complete(final):
+            shutil.rmtree(aside)
+            done.append(("finished", final))
+        else:
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(aside, final)
+            done.append(("rolled back", final))
+    if done:
+        fsync_dir(parent)
+    return done
+
+
 @contextmanager
 def atomic_dir(final: os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside ``final``, renamed to ``final`` once the block succeeds.
+    """Yield a temporary folder beside ``final``, published as ``final`` once the block succeeds (publish_dir).
 
     Made for caches that several processes may build at once: when another writer finished ``final``
     first (it exists and is not empty), that one is kept and this copy is dropped. An empty leftover
     ``final`` is replaced. The temporary folder never survives, success or error.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=str(final.parent)))
+    with writing(final):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=str(final.parent)))
     try:
-        yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0o700: a shared cache should be readable
-        _flush_tree(tmp)
-        _rename_dir(tmp, final)
-        fsync_dir(final.parent)
+        with writing(final):
+            yield tmp
+            os.chmod(tmp, 0o755)  # mkdtemp makes it 0o700: a shared cache should be readable
+        publish_dir(tmp, final, replace=False)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _flush_tree(root: Path) -> None:
-    """Everything under ``root`` on disk before the rename publishes it.
-
-    One sync(2) where there is one: an fsync per file costs ~3 ms here, 30 s for a 10,000-image set.
-    """
-    if hasattr(os, "sync"):
-        os.sync()
-        return
-    for path in root.rglob("*"):  # pragma: no cover - platforms without sync(2)
-        if path.is_file():
-            _fsync_file(path)
-
-
-def _rename_dir(tmp: Path, final: Path) -> None:
-    if final.is_dir() and not any(final.iterdir()):
-        try:
-            final.rmdir()  # an empty leftover; a racing writer may have filled it meanwhile
-        except OSError:
-            pass
-    try:
-        os.rename(tmp, final)
-    except OSError:
-        if not (final.is_dir() and any(final.iterdir())):  # not a finished racing writer: a real error
-            raise
 
 
 # ----------------------------------------------------------------------------- the run-dir lock
@@ -186,10 +319,11 @@ def run_dir_lock(run_dir: os.PathLike, command: str) -> Iterator[Path]:
     import fcntl
     _register_fork_hook()
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     key = str(run_dir.resolve())
     path = run_dir / ".lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    with writing(path):  # a read-only or full file system: one line naming the lock file
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         if key in _HELD:
             raise BlockingIOError
@@ -201,8 +335,9 @@ def run_dir_lock(run_dir: os.PathLike, command: str) -> Iterator[Path]:
                           f"output directory") from None
     _HELD[key] = fd
     try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"`{command}` (pid {os.getpid()})\n".encode())
+        with writing(path):
+            os.ftruncate(fd, 0)
+            os.write(fd, f"`{command}` (pid {os.getpid()})\n".encode())
         yield run_dir
     finally:
         _HELD.pop(key, None)

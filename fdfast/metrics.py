@@ -1,45 +1,110 @@
 """What a run reports while it runs: metrics.jsonl + TensorBoard (``MetricsLog``) and the terminal (``Progress``).
 
 Both are written by rank 0 only; other ranks get disabled instances, so the loop calls them unconditionally.
+A write that fails (a full disk, an I/O error, a read-only file system) is ``fdfast.io.WriteFailed`` naming the
+file, raised in the calling thread (the loop turns it into one line).
 """
 from __future__ import annotations
 
+import itertools
 import json
+import os
+import socket
 import sys
+import time
 from pathlib import Path
+
+from fdfast.io import atomic_write_text, fsync_file, writing
+
+_EVENT_FILES = itertools.count()  # unique event file names within one process
+
+
+class EventFile:
+    """TensorBoard scalars in one events file (tensorboard's own record format and protos), written synchronously.
+
+    torch's SummaryWriter writes from a background thread, which turns a failed write into a thread traceback
+    and a later, unrelated error; here each row is written and flushed by the caller, so a full disk is one
+    WriteFailed at the row that hit it. ``purge_step``: TensorBoard drops the events an earlier writer in the same
+    folder logged from that step on (a resumed run's rows past its checkpoint), as SummaryWriter(purge_step) does.
+    """
+
+    def __init__(self, folder: Path, purge_step: int | None = None):
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+        from tensorboard.summary.writer.record_writer import RecordWriter
+        self.Event = Event
+        name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}."
+                f"{next(_EVENT_FILES)}")
+        self.path = Path(folder) / name
+        with writing(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "wb")
+        self.records = RecordWriter(self.file)
+        self._write(Event(wall_time=time.time(), file_version="brain.Event:2"))
+        if purge_step is not None:
+            self._write(Event(wall_time=time.time(), step=purge_step, session_log=SessionLog(status=SessionLog.START)))
+
+    def scalars(self, step: int, values: dict, prefix: str) -> None:
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        summary = Summary(value=[Summary.Value(tag=f"{prefix}/{k}", simple_value=float(v)) for k, v in values.items()])
+        self._write(self.Event(wall_time=time.time(), step=step, summary=summary))
+
+    def _write(self, event) -> None:
+        with writing(self.path):
+            self.records.write(event.SerializeToString())
+            self.file.flush()
+
+    def sync(self) -> None:
+        with writing(self.path):
+            os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        if not self.file.closed:
+            with writing(self.path):
+                self.file.close()
 
 
 class MetricsLog:
     """DIR/metrics.jsonl (one JSON object per logged step) + TensorBoard scalars under DIR/tb.
 
-    On resume, rows a crashed run logged after the checkpoint it resumes from are dropped, so the file never holds
-    a step twice; TensorBoard purges the same steps.
+    On resume, rows a crashed run logged after the checkpoint it resumes from are dropped (the file is rewritten
+    atomically), so the file never holds a step twice; TensorBoard purges the same steps. ``sync()`` puts the rows
+    on disk (the loop calls it before a checkpoint commits, so a committed step never lacks its rows).
     """
 
     def __init__(self, out_dir: Path | None, resume_step: int, tensorboard: bool, enabled: bool = True,
                  prefix: str = "train"):
         self.enabled = enabled and out_dir is not None
-        self.prefix, self.writer = prefix, None
+        self.prefix, self.events = prefix, None
         if not self.enabled:
             return
         self.path = Path(out_dir) / "metrics.jsonl"
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(Path(out_dir) / "tb"), purge_step=resume_step + 1)
+            self.events = EventFile(Path(out_dir) / "tb", purge_step=resume_step + 1)
 
     def log(self, row: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.writer is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.writer.add_scalar(f"{self.prefix}/{k}", v, row["step"])
+        with writing(self.path):
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        if self.events is not None:
+            numbers = {k: v for k, v in row.items()
+                       if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            self.events.scalars(row["step"], numbers, self.prefix)
+
+    def sync(self) -> None:
+        """The rows logged so far on disk (fsync)."""
+        if not self.enabled:
+            return
+        if self.path.exists():
+            with writing(self.path):
+                fsync_file(self.path)
+        if self.events is not None:
+            self.events.sync()
 
     def last(self, key: str):
         """``key`` of the newest row that has it (None: no such row)."""
@@ -49,9 +114,9 @@ class MetricsLog:
         return next((r[key] for r in reversed(rows) if key in r), None)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        if self.events is not None:
+            events, self.events = self.events, None
+            events.close()
 
 
 class Progress:

@@ -11,7 +11,10 @@ every process of the job's process group, not only the main one. So:
   all-reduce it does anyway (`fdfast.distributed.reduce_step`), so every rank stops after the same step,
   which is committed;
 - a second signal aborts at once (KeyboardInterrupt), unless it repeats the first within REPEAT_WINDOW_S:
-  that is one stop delivered twice (the group signal plus a launcher forwarding it to each rank).
+  that is one stop delivered twice (the group signal plus a launcher forwarding it to each rank);
+- before the first step (imports, teacher conversion, loader start, building the run: `StopRequest`'s set-up
+  phase and the CLI's `sigterm_interrupts`) a signal ends the process at once, as KeyboardInterrupt: exit 130,
+  one line; everything set-up writes is atomic, so nothing is left that a resume would trust.
 """
 from __future__ import annotations
 
@@ -84,13 +87,20 @@ def _judge_stop_signals(main_pid: int) -> None:
 
 
 class StopRequest:
-    """The first SIGINT / SIGTERM asks the loop to stop after the step in flight (no update cut in half);
-    a second one, REPEAT_WINDOW_S or more later, interrupts at once. Use as a context manager (or call
-    restore()) to put the previous handlers back. Handlers can only be set in the main thread; elsewhere
-    the request is inert (never set)."""
+    """SIGINT / SIGTERM for one run, in three phases (``phase``):
 
-    def __init__(self, command: str = "fdfast", announce: bool = True):
+    - "setup" (from creation until ``begin_steps()``): a signal aborts at once (KeyboardInterrupt: exit 130 at the
+      command line, one line, no traceback); what set-up writes is atomic, so nothing is left that a resume trusts;
+    - "steps": the first signal asks the loop to stop after the step in flight (no update cut in half), which is
+      committed; a second one, REPEAT_WINDOW_S or more later, interrupts at once;
+    - "final" (``finishing()``, the last step is done): the first signal lets the final files be written.
+
+    Use as a context manager (or call restore()) to put the previous handlers back. Handlers can only be set in the
+    main thread; elsewhere the request is inert (never set)."""
+
+    def __init__(self, command: str = "fdfast", announce: bool = True, phase: str = "steps"):
         self.command, self.announce = command, announce  # announce: say so on stderr (rank 0 only)
+        self.phase = phase
         self.signum: int | None = None
         self.received_at = 0.0  # time.monotonic() of the first signal
         self.previous = {}
@@ -106,15 +116,25 @@ class StopRequest:
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum is not None else "another rank's signal"
 
+    def begin_steps(self) -> None:
+        """Set-up is over: from now on a signal stops the run after a step."""
+        self.phase = "steps"
+
+    def finishing(self) -> None:
+        """The last step is done: a signal lets the final files be written."""
+        self.phase = "final"
+
     def _handle(self, signum, frame) -> None:
-        now = time.monotonic()
+        now, name = time.monotonic(), signal.Signals(signum).name
+        if self.phase == "setup":
+            raise KeyboardInterrupt(f"stopped by {name} during set-up, before the first step; nothing new was "
+                                    f"committed")
         if self.signum is None:
             self.signum, self.received_at = signum, now
-            self._say(f"{self.command}: {signal.Signals(signum).name}: stopping after this step "
-                      f"(send it again to abort now)")
+            then = "writing the final files first" if self.phase == "final" else "stopping after this step"
+            self._say(f"{self.command}: {name}: {then} (send it again to abort now)")
         elif now - self.received_at >= REPEAT_WINDOW_S:
-            raise KeyboardInterrupt(f"aborted by a second {signal.Signals(signum).name}; the newest committed "
-                                    f"checkpoint is intact")
+            raise KeyboardInterrupt(f"aborted by a second {name}; the newest committed checkpoint is intact")
 
     def _say(self, line: str) -> None:
         # os.write, not print: a handler that runs while the main thread is inside a buffered stderr write
@@ -132,3 +152,22 @@ class StopRequest:
 
     def __exit__(self, *exc) -> None:
         self.restore()
+
+
+def _interrupt_at_once(signum, frame) -> None:
+    raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name} during start-up; nothing was written")
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """The command line's setting while it runs: SIGTERM ends the process as Ctrl-C does (KeyboardInterrupt, which
+    the CLI turns into one line and exit 130) wherever no run's StopRequest has taken over, from the slow imports
+    on; the previous handler is put back on exit (the CLI's ``main`` may be called in a test process)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt_at_once)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

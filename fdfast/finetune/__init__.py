@@ -27,13 +27,16 @@ FLAG_KEYS = {"data": "data.path", "val": "data.val_path", "epochs": "optim.epoch
 
 def finetune(cfg: FinetuneConfig, model_spec: str, out_dir: str | Path | None, resume: str | None = None) -> dict:
     """Fine-tune MODEL for cfg.optim.epochs on the shared run (fdfast.run.build_finetune_run) and loop
-    (fdfast.train.fit); returns the summary (also DIR/summary.json). A library call: no process-wide settings."""
+    (fdfast.train.fit); returns the summary (also DIR/summary.json). A library call: no process-wide settings, the
+    signal handlers it installs are put back; set-up and checkpoints follow ``fdfast.train.train``'s rules."""
     from fdfast.run import build_finetune_run
-    from fdfast.train import RunDir, fit
-    validate(cfg)
-    rt = runtime.resolve(cfg.runtime)
-    with RunDir(out_dir, resume, rt.info, "fdfast finetune") as run_dir:
-        return fit(build_finetune_run(cfg, model_spec, rt), run_dir)
+    from fdfast.train import RunDir, fit, setup_signals
+    with setup_signals("fdfast finetune") as stop:  # a signal in set-up: exit 130, nothing new committed
+        validate(cfg)
+        rt = runtime.resolve(cfg.runtime)
+        stop.announce = rt.info.is_main
+        with RunDir(out_dir, resume, rt.info, "fdfast finetune") as run_dir:
+            return fit(build_finetune_run(cfg, model_spec, rt), run_dir, stop=stop)
 
 
 def register(subparsers) -> None:
