@@ -25,6 +25,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -78,18 +79,26 @@ def make_optimizer(distiller: nn.Module, cfg: Config, fused: bool):
                         torch.device("cpu"))[0]
 
 
-def set_activation_checkpointing(distiller: nn.Module, on: bool) -> None:
-    distiller.student.set_grad_checkpointing(on)  # timm's switch, as distributed.apply_activation_checkpointing
+def set_activation_checkpointing(task: nn.Module, on: bool) -> None:
+    task.trained_model().set_grad_checkpointing(on)  # timm's switch, as distributed.apply_activation_checkpointing
 
 
-def fd_step(distiller: nn.Module, optimizer, images: torch.Tensor, amp_dtype: torch.dtype | None) -> None:
-    """One FD optimizer step as ``fdfast train`` takes it (no accumulation, no clipping: neither holds memory)."""
+def fd_step(task: nn.Module, optimizer, batch, amp_dtype: torch.dtype | None) -> None:
+    """One optimizer step as ``fdfast train`` / ``finetune`` take it: ``task(batch)`` is the loss (no
+    accumulation, no clipping: neither holds memory)."""
+    images = batch[0] if isinstance(batch, tuple) else batch
     autocast = torch.autocast(images.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     with autocast:
-        loss = distiller(images)
+        loss = task(batch)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def _inputs(batch: int, img_size: int, num_classes: int | None, device="cpu"):
+    """The step's input: images [B, 3, S, S] (FD), or (images, labels [B]) for a classifier of num_classes."""
+    images = torch.empty(batch, 3, img_size, img_size, device=device)
+    return images if num_classes is None else (images, torch.zeros(batch, dtype=torch.int64, device=device))
 
 
 # ----------------------------------------------------------------------------- memory on fake tensors
@@ -154,18 +163,22 @@ def _category(snap: dict, name: str) -> int:
     return sum(v for k, v in snap.items() if getattr(k, "value", k) == name)
 
 
-def trace_memory(distiller: nn.Module, optimizer, batch: int, img_size: int, amp_dtype, ac: bool) -> StepMemory:
-    """Peak memory of one FD step at ``batch`` (call inside FakeTensorMode with optimizer states created)."""
-    set_activation_checkpointing(distiller, ac)
-    teacher_bytes = sum(p.numel() * p.element_size() for p in distiller.teacher.parameters())
+def trace_memory(task: nn.Module, optimizer, batch: int, img_size: int, amp_dtype, ac: bool,
+                 num_classes: int | None = None) -> StepMemory:
+    """Peak memory of one step at ``batch`` (call inside FakeTensorMode with optimizer states created); a
+    fine-tuning task (``num_classes``) has no teacher."""
+    set_activation_checkpointing(task, ac)
+    teacher = task.frozen_model()
+    teacher_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters()) if teacher is not None else 0
     tracker = _tracker_class()()
-    images = torch.empty(batch, 3, img_size, img_size)
-    tracker.track_external(distiller, optimizer, images)
-    hooks = [distiller.teacher.register_forward_pre_hook(lambda *a: setattr(tracker, "in_teacher", True)),
-             distiller.teacher.register_forward_hook(lambda *a: setattr(tracker, "in_teacher", False))]
+    inputs = _inputs(batch, img_size, num_classes)
+    tracker.track_external(task, optimizer, inputs[0] if num_classes else inputs)
+    hooks = [] if teacher is None else [
+        teacher.register_forward_pre_hook(lambda *a: setattr(tracker, "in_teacher", True)),
+        teacher.register_forward_hook(lambda *a: setattr(tracker, "in_teacher", False))]
     try:
         with tracker:
-            fd_step(distiller, optimizer, images, amp_dtype)
+            fd_step(task, optimizer, inputs, amp_dtype)
     finally:
         for h in hooks:
             h.remove()
@@ -208,16 +221,16 @@ def _cpu_attention_flops() -> dict:
             aten._scaled_dot_product_flash_attention_for_cpu_backward: backward}
 
 
-def trace_flops(distiller: nn.Module, optimizer, img_size: int, amp_dtype) -> dict:
-    """FLOPs per image of one FD step: teacher forward, student (+ projection and loss) forward and backward."""
+def trace_flops(task: nn.Module, optimizer, img_size: int, amp_dtype, num_classes: int | None = None) -> dict:
+    """FLOPs per image of one step: teacher forward, student (+ projection and loss) forward and backward (a
+    fine-tuning task: its classifier's forward and backward, teacher 0)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    set_activation_checkpointing(distiller, False)  # model FLOPs: AC's recompute is reported apart
-    images = torch.empty(1, 3, img_size, img_size)
+    set_activation_checkpointing(task, False)  # model FLOPs: AC's recompute is reported apart
     with FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops()) as counter:
-        fd_step(distiller, optimizer, images, amp_dtype)  # AdamW has no FLOP formula: counts 0
+        fd_step(task, optimizer, _inputs(1, img_size, num_classes), amp_dtype)  # AdamW has no FLOP formula: 0
     counts = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
-    root = type(distiller).__name__
+    root = type(task).__name__
     teacher = counts.get(f"{root}.teacher", 0)
     total = counts["Global"]
     student_fwd = counts.get(root, total) - teacher
@@ -235,22 +248,24 @@ def _live_bytes(*tensors) -> int:
     return sum(storages.values())
 
 
-def measure_step_peak(distiller: nn.Module, optimizer, images: torch.Tensor, amp_dtype) -> int:
-    """Measured peak bytes of one real FD step: ``max_memory_allocated`` on CUDA; on the CPU, the allocator's
-    own events (torch.profiler with profile_memory: every allocation and free, in order) on top of what is
-    alive when the step starts (parameters, buffers, optimizer states, the images)."""
+def measure_step_peak(task: nn.Module, optimizer, batch, amp_dtype) -> int:
+    """Measured peak bytes of one real step (``batch``: images, or (images, labels)): ``max_memory_allocated`` on
+    CUDA; on the CPU, the allocator's own events (torch.profiler with profile_memory: every allocation and free,
+    in order) on top of what is alive when the step starts (parameters, buffers, optimizer states, the batch)."""
+    inputs = batch if isinstance(batch, tuple) else (batch,)
+    images = inputs[0]
     if images.device.type == "cuda":
         torch.cuda.synchronize(images.device)
         torch.cuda.reset_peak_memory_stats(images.device)
-        fd_step(distiller, optimizer, images, amp_dtype)
+        fd_step(task, optimizer, batch, amp_dtype)
         torch.cuda.synchronize(images.device)
         return torch.cuda.max_memory_allocated(images.device)
     from torch.profiler import ProfilerActivity, profile
 
     states = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-    start = _live_bytes(*distiller.parameters(), *distiller.buffers(), *states, images)
+    start = _live_bytes(*task.parameters(), *task.buffers(), *states, *inputs)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fd_step(distiller, optimizer, images, amp_dtype)
+        fd_step(task, optimizer, batch, amp_dtype)
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
                      and e.device_type() == torch.autograd.DeviceType.CPU), key=lambda e: e.start_ns())
     live = peak = 0
@@ -460,6 +475,112 @@ def _micro_batch(largest: int, gpus: int, global_batch: int) -> tuple[int, int]:
     return math.ceil(global_batch / (accum * gpus)), accum
 
 
+# ----------------------------------------------------------------------------- fine-tuning recipes
+IMAGENET_CLASSES = 1000
+PAPER_FT_GLOBAL_BATCH = 1024  # the paper's fine-tuning batch (official FD code: 8-16 GPUs)
+
+
+def student_of(ft_recipe: str, model_recipe: str | None = None) -> dict:
+    """The FD student (its ModelConfig dict) a fine-tune recipe fine-tunes: the student of ``model_recipe``, by
+    default the FD recipe of the same name (ft_clip_b16 -> clip_b16)."""
+    from fdfast.config import FINETUNE_PREFIX, recipe_names
+    name = model_recipe or ft_recipe[len(FINETUNE_PREFIX):]
+    if name not in recipe_names():
+        raise FDFastError(f"fdfast plan {ft_recipe}: no FD recipe {name!r} names the student it fine-tunes; "
+                          f"pass --model-recipe, one of {recipe_names()}")
+    return load_config(name).to_dict()["model"]
+
+
+def finetune_task(cfg, model_cfg: dict, num_classes: int, device: str = "meta"):
+    """The classifier ``fdfast finetune`` builds from that student (``fdfast.finetune.model.build_classifier``:
+    the timm export, fc_norm, a new head) as its task, on ``device`` (meta: no memory, random init elsewhere);
+    Mixup left out (one image batch)."""
+    from fdfast.finetune.model import Backbone, build_classifier
+    from fdfast.finetune.task import ClassifierTask
+    from fdfast.models.export import timm_export
+    plain = dict(model_cfg, pos_bias="per_block" if model_cfg.get("pos_bias") == "shared" else model_cfg["pos_bias"])
+    timm_name, kwargs, _ = timm_export(plain, {})  # the exported student: per-block tables, no weights needed
+    backbone = Backbone(timm_name, kwargs, None, (0.5,) * 3, (0.5,) * 3, model_cfg["img_size"], True, "plan")
+    with torch.device(device):
+        clf = build_classifier(backbone, num_classes, cfg.data.img_size, cfg.model.drop_path,
+                               cfg.model.head_init_scale)
+    return ClassifierTask(clf.model, None, nn.CrossEntropyLoss()), clf.img_size
+
+
+def plan_finetune(cfg, gpus: int = 8, gpu: str = "h100", gpu_mem_gib: float | None = None, batch: int | None = None,
+                  mfu: float = DEFAULT_MFU, global_batch: int = PAPER_FT_GLOBAL_BATCH, model_recipe: str | None = None,
+                  num_classes: int = IMAGENET_CLASSES, images: int = IMAGENET_TRAIN_IMAGES) -> dict:
+    """Per-GPU memory, the largest batch, and the time per epoch and per run of a fine-tune recipe under DDP on
+    ``gpus`` GPUs, traced on fake tensors like the FD plan, with the classifier, optimizer groups (layer decay)
+    and precision ``fdfast finetune`` uses."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fdfast.finetune.task import build_optimizer
+    if gpus < 1 or global_batch < 1 or not 0 < mfu <= 1:
+        raise FDFastError(f"--gpus and --global-batch must be >= 1 and 0 < --mfu <= 1, got {gpus}, {global_batch}, {mfu}")
+    spec = GPUS[gpu]
+    budget = int((gpu_mem_gib or spec.budget_gib) * GIB)
+    batch = cfg.data.batch_size if batch is None else batch
+    amp = amp_dtype_of(cfg)
+    t0 = time.perf_counter()
+    task, img_size = finetune_task(cfg, student_of(cfg.recipe, model_recipe), num_classes)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        task = task.to_empty(device="cpu").train()
+        optimizer, _ = build_optimizer(task.model, cfg, steps_per_epoch=1000, global_batch=global_batch)
+        flops = trace_flops(task, optimizer, img_size, amp, num_classes)
+        traces = {}
+
+        def traced(ac: bool, b: int) -> StepMemory:
+            if (ac, b) not in traces:
+                traces[ac, b] = trace_memory(task, optimizer, b, img_size, amp, ac, num_classes)
+            return traces[ac, b]
+
+        settings = []
+        for ac in (False, True):
+            strategy = "none" if gpus == 1 else "ddp"
+            per_gpu, parts = _per_gpu(traced(ac, batch), gpus, strategy, {})
+            largest = _largest_batch(lambda b: _per_gpu(traced(ac, b), gpus, strategy, {})[0], budget, batch,
+                                     2 * batch)
+            settings.append(Setting(strategy, ac, per_gpu, largest, parts))
+        n_params = sum(p.numel() for p in task.parameters())
+    rec = recommend(settings, gpus, batch, global_batch)
+    ac = bool(rec and rec["dist.activation_checkpointing"])
+    work = flops["total"] + (flops["ac_recompute"] if ac else 0)  # per image
+    epoch_s = work * images / gpus / (mfu * spec.bf16_tflops * 1e12)
+    return {
+        "recipe": cfg.recipe, "kind": "finetune", "gpus": gpus, "gpu": spec.name,
+        "gpu_budget_gib": round(budget / GIB, 1), "precision": str(amp).replace("torch.", "") if amp else "fp32",
+        "params": {"classifier": n_params}, "img_size": img_size, "num_classes": num_classes,
+        "flops_per_image": {k: int(v) for k, v in flops.items()}, "gflops_per_image": round(flops["total"] / 1e9, 1),
+        "settings": [dict(strategy=st.strategy, activation_checkpointing=st.activation_checkpointing, batch=batch,
+                          per_gpu_gib=round(st.per_gpu_bytes / GIB, 2), largest_batch=st.largest_batch,
+                          breakdown_gib={k: round(v / GIB, 3) for k, v in st.breakdown.items()}) for st in settings],
+        "recommended": rec,
+        "time": {"global_batch": global_batch, "mfu": mfu, "peak_tflops_bf16_dense": spec.bf16_tflops,
+                 "images_per_epoch": images, "epoch_h": round(epoch_s / 3600, 3), "epochs": cfg.optim.epochs,
+                 "run_h": round(epoch_s * cfg.optim.epochs / 3600, 2)},
+        "planner_seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def format_finetune_plan(p: dict) -> str:
+    t, r = p["time"], p["recommended"]
+    lines = [f"fdfast plan {p['recipe']}: fine-tune on {p['gpus']} x {p['gpu']} (budget {p['gpu_budget_gib']} GiB "
+             f"each), {p['precision']}, DDP",
+             f"classifier {p['params']['classifier'] / 1e6:,.1f} M parameters at {p['img_size']} px, "
+             f"{p['num_classes']} classes; {p['gflops_per_image']:,.1f} GFLOP per image (forward + backward)", ""]
+    for st in p["settings"]:
+        lines.append(f"  AC {'on ' if st['activation_checkpointing'] else 'off'}: {st['per_gpu_gib']:.2f} GiB per GPU "
+                     f"at batch {st['batch']}, largest batch {st['largest_batch']}")
+    lines.append("")
+    lines.append("nothing fits: use more GPUs, or a smaller model / image size" if r is None else
+                 f"recommended: {r['set']}  (global batch {r['global_batch']})")
+    lines.append(f"time: {t['epoch_h'] * 60:.1f} min per epoch of {t['images_per_epoch']:,} images at {t['mfu']:.0%} "
+                 f"MFU of {t['peak_tflops_bf16_dense']:.0f} TFLOP/s; {t['run_h']:.1f} h for the recipe's "
+                 f"{t['epochs']} epochs")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- output + CLI
 def format_plan(p: dict) -> str:
     lines = [f"fdfast plan {p['recipe']}: {p['gpus']} x {p['gpu']} (budget {p['gpu_budget_gib']} GiB each), "
@@ -495,13 +616,18 @@ def register(subparsers) -> None:
                               description="Plan an FD recipe on fake tensors: memory by kind (parameters, gradients, "
                                           "optimizer states, activations with/without AC, teacher, workspace), FLOPs "
                                           "per image, step time at a stated MFU, the largest batch that fits and the "
-                                          "dist.* settings to use.")
+                                          "dist.* settings to use. A fine-tune recipe (ft_*): memory per GPU under "
+                                          "DDP, the largest batch, time per epoch and per run.")
     p.add_argument("recipe", help="recipe name or YAML path")
     p.add_argument("--gpus", type=int, default=1, help="GPUs in the run (default 1)")
     p.add_argument("--gpu", default="h200", choices=sorted(GPUS), help="GPU model (peak FLOP/s, memory)")
     p.add_argument("--gpu-mem", type=float, help="per-GPU memory budget in GiB (default: 130 for an H200)")
     p.add_argument("--batch", type=int, help="per-GPU micro-batch to report (default: the recipe's data.batch_size)")
-    p.add_argument("--global-batch", type=int, default=PAPER_GLOBAL_BATCH, help="images per optimizer step (2048)")
+    p.add_argument("--global-batch", type=int,
+                   help=f"images per optimizer step (default: the paper's, {PAPER_GLOBAL_BATCH} for FD, "
+                        f"{PAPER_FT_GLOBAL_BATCH} for fine-tuning)")
+    p.add_argument("--model-recipe", help="fine-tune recipes: the FD recipe whose student is fine-tuned "
+                                          "(default: ft_NAME -> NAME)")
     p.add_argument("--mfu", type=float, default=DEFAULT_MFU, help="model FLOPs utilisation for the step time")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -509,8 +635,18 @@ def register(subparsers) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    cfg = load_config(args.recipe, dict(parse_override(s) for s in args.set))
+    from fdfast.config import FINETUNE_PREFIX
+    overrides = dict(parse_override(s) for s in args.set)
+    if Path(args.recipe).stem.startswith(FINETUNE_PREFIX):  # a fine-tuning recipe
+        from fdfast.finetune.config import load_finetune_config
+        cfg = load_finetune_config(args.recipe, overrides)
+        result = plan_finetune(cfg, gpus=args.gpus, gpu=args.gpu, gpu_mem_gib=args.gpu_mem, batch=args.batch,
+                               mfu=args.mfu, global_batch=args.global_batch or PAPER_FT_GLOBAL_BATCH,
+                               model_recipe=args.model_recipe)
+        print(json.dumps(result, indent=1) if args.json else format_finetune_plan(result))
+        return 0
+    cfg = load_config(args.recipe, overrides)
     result = plan(cfg, gpus=args.gpus, gpu=args.gpu, gpu_mem_gib=args.gpu_mem, batch=args.batch, mfu=args.mfu,
-                  global_batch=args.global_batch)
+                  global_batch=args.global_batch or PAPER_GLOBAL_BATCH)
     print(json.dumps(result, indent=1) if args.json else format_plan(result))
     return 0

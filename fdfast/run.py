@@ -62,6 +62,13 @@ class Run:
             layout[EMA_PREFIX] = self.ema.module
         return layout
 
+    def batch_line(self) -> str:
+        """The global batch and the lr scale, as printed at start (the paper's recipes assume a global batch)."""
+        o, n = self.cfg.optim, self.rt.info.world_size
+        return (f"global batch {self.global_batch} = {self.cfg.data.batch_size} per rank x {o.accum_steps} "
+                f"accumulation step{'s' * (o.accum_steps > 1)} x {n} rank{'s' * (n > 1)}; lr = optim.base_lr x "
+                f"{self.global_batch}/{o.lr_batch_ref}")
+
     def update_ema(self, step: int) -> None:
         if self.ema is not None:
             self.ema.update(self.task.trained_model(), step=step)
@@ -173,8 +180,8 @@ def build_finetune_run(cfg, model_spec: str, rt: Runtime) -> Run:
     """Every part of a fine-tuning run (``fdfast finetune MODEL``): data splits, classifier, loss, optimizer with
     layer decay, EMA, evaluation; the val split is divided across ranks without overlap."""
     from fdfast.data.files import FileList
-    from fdfast.finetune.data import build_transforms, eval_loader, load_splits
-    from fdfast.finetune.loader import LabelledLoader
+    from fdfast.finetune.data import build_transforms, load_splits
+    from fdfast.finetune.loader import EvalBatches, LabelledLoader
     from fdfast.finetune.model import build_classifier, resolve_model
     from fdfast.finetune.task import ClassifierTask, Evaluator, build_loss, build_optimizer, write_model_json
 
@@ -188,12 +195,13 @@ def build_finetune_run(cfg, model_spec: str, rt: Runtime) -> Run:
     task = ClassifierTask(clf.model, mixup, criterion)
     train_tf, eval_tf = build_transforms(d, clf.img_size, clf.mean, clf.std)
     loader = LabelledLoader(splits.train, train_tf, d.batch_size, seed=mix_seed(d.seed, cfg.runtime.seed),
-                            rank=info.rank, world_size=info.world_size, num_workers=d.num_workers)
-    steps_per_epoch = loader.order.batches_per_epoch
-    val = splits.val
+                            rank=info.rank, world_size=info.world_size, num_workers=d.num_workers,
+                            accum_steps=cfg.optim.accum_steps)
+    steps_per_epoch = loader.steps_per_epoch  # optimizer steps
+    val = splits.val  # each rank scores every world_size-th image: no image twice, none dropped
     mine = FileList(val.root, val.paths[info.rank::info.world_size], val.labels[info.rank::info.world_size],
                     val.classes, val.bad)
-    evaluator = Evaluator(clf, splits.classes, eval_loader(mine, eval_tf, d.batch_size, d.num_workers), info,
+    evaluator = Evaluator(clf, splits.classes, EvalBatches(mine, eval_tf, d.batch_size, d.num_workers), info,
                           steps_per_epoch)
     ema = None
     if cfg.optim.ema:

@@ -123,3 +123,66 @@ def test_gpu_check_script_runs_dry_on_the_cpu(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     row = json.loads((tmp_path / "plan_check_dry_run.json").read_text())["rows"][0]
     assert abs(row["aten"]["ratio"] - 1) <= 0.15
+
+
+# ----------------------------------------------------------------------------- fine-tuning recipes
+TINY_STUDENT = {"arch": "vit", "size": "tiny", "patch_size": 16, "img_size": 64, "drop_path": 0.0,
+                "pos_bias": "shared", "attention": "auto", "kwargs": {"depth": 4}}
+
+
+def _ft_cfg(**extra):
+    from fdfast.finetune.config import load_finetune_config
+    return load_finetune_config("ft_clip_b16", {"data.img_size": 64, "runtime.precision": "fp32", **extra})
+
+
+def test_finetune_plan_traces_the_classifier_finetune_builds(tmp_path):
+    """The planned classifier is the one `fdfast finetune` builds from the same student: every parameter and
+    buffer with its shape, dtype and requires_grad; the head has the recipe's classes."""
+    import json as _json
+
+    import torch
+    from fdfast.checkpoint import STUDENT_META_KEY
+    from fdfast.config import ModelConfig
+    from fdfast.finetune.model import build_classifier, resolve_model
+    from fdfast.io import atomic_save_safetensors
+    from fdfast.models.student import build_student
+    from fdfast.plan import finetune_task
+    path = tmp_path / "student.safetensors"
+    atomic_save_safetensors(build_student(ModelConfig(**TINY_STUDENT)).state_dict(), path,
+                            metadata={STUDENT_META_KEY: _json.dumps(TINY_STUDENT)})
+    cfg = _ft_cfg()
+    built = build_classifier(resolve_model(str(path), 64), 7, 64, cfg.model.drop_path, cfg.model.head_init_scale).model
+    planned, size = finetune_task(cfg, TINY_STUDENT, 7)
+    info = lambda m: {n: (tuple(t.shape), t.dtype, t.requires_grad) for n, t in m.state_dict(keep_vars=True).items()}  # noqa: E731
+    assert size == 64 and info(planned.model) == info(built)
+    assert built.get_classifier().out_features == 7
+
+
+def test_finetune_plan_memory_within_15_percent_of_measured():
+    """A fine-tuning step of a ViT-Ti classifier at 64 px, batch 32: fake-tensor peak vs the CPU allocator's."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from fdfast.finetune.task import build_optimizer
+    from fdfast.plan import _inputs, fd_step, finetune_task, measure_step_peak, trace_memory
+    cfg = _ft_cfg()
+    task, size = finetune_task(cfg, TINY_STUDENT, 10)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fake = task.to_empty(device="cpu").train()
+        optimizer, _ = build_optimizer(fake.model, cfg, 10, 1024)
+        fd_step(fake, optimizer, _inputs(1, size, 10), None)  # AdamW states
+        planned = trace_memory(fake, optimizer, 32, size, None, False, num_classes=10)
+    real = finetune_task(cfg, TINY_STUDENT, 10, device="cpu")[0].train()
+    optimizer, _ = build_optimizer(real.model, cfg, 10, 1024)
+    fd_step(real, optimizer, (torch.randn(1, 3, size, size), torch.zeros(1, dtype=torch.int64)), None)
+    measured = measure_step_peak(real, optimizer, (torch.randn(32, 3, size, size), torch.zeros(32, dtype=torch.int64)),
+                                 None)
+    assert planned.teacher_params == 0 and planned.activations > 0
+    assert abs(planned.peak / measured - 1) <= 0.15, (planned.peak, measured)
+
+
+def test_plan_cli_on_a_finetune_recipe(capsys):
+    assert main(["plan", "ft_clip_b16", "--gpus", "8", "--gpu", "h100", "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    assert p["kind"] == "finetune" and p["time"]["global_batch"] == 1024 and p["time"]["epochs"] == 100
+    assert p["recommended"]["global_batch"] == 1024 and p["recommended"]["data.batch_size"] * 8 == 1024
+    assert 100 < p["gflops_per_image"] < 110  # ViT-B/16 at 224 px: ~35 GFLOP forward, x3 with backward
