@@ -20,20 +20,22 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-# compiling needs the real JIT functions, not the interpreter's: set before triton is imported
-os.environ["TRITON_INTERPRET"] = "0"
+if __name__ == "__main__":  # compiling needs the real JIT functions: set before triton is imported (as a script
+    os.environ["TRITON_INTERPRET"] = "0"  # only: tests import the launch list into interpreted processes)
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -79,17 +81,24 @@ def workloads(dtypes):
                 yield f"{label} frozen bias", name, lambda a=shape: attention_call(*a, bias_grad=False)
 
 
+def _source(fn) -> str:
+    """A @triton.jit function's source from ``def`` on, as Triton keeps it (the same under the interpreter)."""
+    src = textwrap.dedent(inspect.getsource(fn.fn))
+    return src[re.search(r"^def\s+\w+\s*\(", src, re.MULTILINE).start():]
+
+
 def source_hash(fn) -> str:
     """sha256 (12 hex) of the kernel's source and of every @triton.jit helper it calls, transitively."""
     module = sys.modules[fn.fn.__module__]
-    helpers = {n: f for n, f in vars(module).items() if hasattr(f, "src") and hasattr(f, "fn")}
-    seen, todo, h = set(), [fn.__name__], hashlib.sha256()
+    helpers = {n: f for n, f in vars(module).items()  # the module's @triton.jit functions, compiled or interpreted
+               if type(f).__name__ in ("JITFunction", "InterpretedFunction")}
+    seen, todo, h = set(), [fn.fn.__name__], hashlib.sha256()
     while todo:
         name = todo.pop()
         if name in seen or name not in helpers:
             continue
         seen.add(name)
-        src = helpers[name].src
+        src = _source(helpers[name])
         h.update(src.encode())
         todo += [n for n in helpers if re.search(rf"\b{n}\(", src)]
     return h.hexdigest()[:12]

@@ -226,7 +226,7 @@ def bench_attention_work():
     for _, B, H, N, D, W in attention.shapes("cuda", quick=True):
         attention_call(B, H, N, D, W, torch.bfloat16)
     for B, H, N, D in attention.BIAS_COST_SHAPES["cuda"]:
-        attention_call(B, H, N, D, 0, torch.bfloat16, bias=False)  # forward / backward without the bias
+        attention_call(B, H, N, D, 0, torch.bfloat16, bias=False, bias_grad=False, backward=False)  # no bias
         attention_call(B, H, N, D, 0, torch.bfloat16, bias_grad=False)  # dq without STORE_DBIAS
 
 

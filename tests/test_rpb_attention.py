@@ -261,14 +261,14 @@ def test_unknown_backend_and_triton_without_interpreter(monkeypatch):
 
 # The GPU cases, as tables bench/gpu_budget.py also reads (it counts the compiles they cost on a cold machine).
 # Core (bench/gpu_check.sh runs these first): bf16, the training dtype, at the training shapes (ViT-B; Swin
-# windows of 7 x 7 on the small-N kernels and of 14 x 14 with the shift mask) and fp32 once on each path (fp32
-# keeps small non-tensor-core tiles: its own configs of every kernel). Extra (ids "extra-...", run when the GPU
-# window has time left): B = 1 with D = 80 (padded to 128) in bf16, and fp16.
+# windows of 7 x 7 on the small-N kernels) and fp32 once on each path with a shift mask (fp32 keeps small
+# non-tensor-core tiles: its own configs of every kernel). Extra (ids "extra-...", run when the GPU window has
+# time left): Swin windows of 14 x 14 with the mask in bf16, B = 1 with D = 80 (padded to 128), and fp16.
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 ATTN_GPU_CASES = [((32, 12, 197, 64, 0), torch.bfloat16), ((512, 4, 49, 32, 64), torch.bfloat16),
-                  ((128, 4, 196, 32, 16), torch.bfloat16), ((2, 2, 197, 64, 0), torch.float32),
-                  ((4, 2, 16, 16, 2), torch.float32)]
-ATTN_GPU_EXTRA_CASES = [((1, 2, 197, 80, 0), torch.bfloat16), ((2, 2, 144, 32, 2), torch.float16)]
+                  ((2, 2, 197, 64, 2), torch.float32), ((4, 2, 16, 16, 2), torch.float32)]
+ATTN_GPU_EXTRA_CASES = [((128, 4, 196, 32, 16), torch.bfloat16), ((1, 2, 197, 80, 0), torch.bfloat16),
+                        ((2, 2, 144, 32, 2), torch.float16)]
 ATTN_GPU_FORWARD_CASES = [((17_500, 4, 16, 16, 0), torch.bfloat16)]  # B*H = 70,000 programs on grid axis 0
 
 
