@@ -57,10 +57,14 @@ from fdfast.models.student import build_student
 from fdfast.models.teachers import OPEN_CLIP, build_teacher, teacher_names
 
 TOL = {
-    "fp32": {"out": 2e-5, "grad": 2e-4},
-    "bf16": {"times_timm": 2.0, "floor": 2e-3},
+    "fp32": {"out": 2e-5, "grad": 2e-4},  # relative to max |reference|
+    "bf16": {"out_times_timm": 2.0, "grad_times_timm": 3.0, "floor": 2e-3},
 }
 MODES = ("fp32", "bf16-autocast", "bf16-inference")
+# upstream gradients per comparison: bf16 rounding makes one probe's error of a small, cancelling gradient (SwinV2's
+# 2-value logit scale) a noisy sample, up to 3.8x timm's on one seed where the means over seeds are equal
+# (0.9-1.2x); the mean over 4 probes stays within 1.8x (8 seeds)
+PROBES = {"fp32": 1, "bf16-autocast": 4}
 # attention backends per mode: on the CPU "auto" is SDPA in fp32 (so "sdpa" is not run twice there) and the
 # fp32-logit bmm path in bf16
 BACKENDS = {"fp32": ("auto", "reference"), "bf16-autocast": ("auto", "sdpa", "reference"),
@@ -68,10 +72,11 @@ BACKENDS = {"fp32": ("auto", "reference"), "bf16-autocast": ("auto", "sdpa", "re
 
 # ---- the variants ------------------------------------------------------------------------------------------
 
-VIT = dict(embed_dim=36, depth=2, num_heads=3)  # head dim 12, MLP 144 (DINOv2-g's SwiGLU: 192)
-SWIN = dict(embed_dim=24, depths=(2,), num_heads=(2,))  # one stage: a plain and a shifted block, head dim 12
+VIT = dict(embed_dim=33, depth=2, num_heads=3)  # odd widths: head dim 11, MLP 132 (DINOv2-g's SwiGLU: 176)
+SWIN = dict(embed_dim=22, depths=(2,), num_heads=(2,))  # one stage: a plain and a shifted block, head dim 11
 TINY = {  # timm module of an architecture -> kwargs that shrink it, keeping its variant (norms, layer scale, rope)
-    "vision_transformer": VIT, "deit": VIT, "beit": VIT, "eva": VIT,
+    "vision_transformer": VIT, "deit": VIT, "beit": VIT,
+    "eva": dict(VIT, embed_dim=36),  # rotary embeddings need an even head dim (12)
     "swin_transformer": SWIN, "swin_transformer_v2": SWIN,
     "convnext": dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32)),
     "resnet": dict(layers=(1, 1, 1, 1)),
@@ -96,10 +101,19 @@ STUDENTS = {
     "no-qkv-bias": ModelConfig(**dict(_STUDENT, kwargs=dict(VIT, qkv_bias=False))),
     # 56 px / 4 = 14 x 14 tokens: 4 windows of 7 x 7 = 49 tokens, block 1 shifted with its [4, 49, 49] mask
     "swinv2": ModelConfig(arch="swinv2", size="tiny", img_size=56, drop_path=0.3,
-                          kwargs=dict(embed_dim=24, depths=[2], num_heads=[2], window_size=7)),
+                          kwargs=dict(SWIN, depths=[2], num_heads=[2], window_size=7)),
 }
 # Triton under the interpreter costs seconds per call: one case per fast attention class and bias kind
 TRITON_CASES = ("shared-rpb", "per-block-rpb", "swinv2", "dino-vit-s16")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: a second OpenMP thread only adds hand-offs (10x slower on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ---- building ----------------------------------------------------------------------------------------------
@@ -140,11 +154,11 @@ def _teacher_template(name: str):
     return randomised(backbone.requires_grad_(True).train(False)), size
 
 
-def randomised(model: nn.Module) -> nn.Module:
+def randomised(model: nn.Module, seed: int = 1) -> nn.Module:
     """Random values, fixed seed, for every parameter timm initialises to one constant (relative position bias
     tables, q / v biases, layer scales, SwinV2's zero-initialised post-norms, logit scales), which would hide a
     mistake in a gradient or zero it outright; logit scales in exp(1.5..2.5) = 4.5..12, below timm's clamp."""
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "logit_scale" in name:
@@ -199,11 +213,12 @@ def _captured_inputs(model: nn.Module, images: torch.Tensor, modules: list[nn.Mo
 NO_GRAD_INPUTS = ("mask", "attn_mask", "images")
 
 
-def run(module: nn.Module, args: tuple, kwargs: dict, mode: str, probe_seed: int = 3):
-    """module(*args, **kwargs) in ``mode``: (output fp32, {name: gradient fp32}) for a fixed random probe loss
-    over the output; gradients of the float inputs (x, the shared bias) and of every parameter."""
+def run(module: nn.Module, args: tuple, kwargs: dict, mode: str, probes: int) -> tuple[torch.Tensor, list[dict]]:
+    """module(*args, **kwargs) in ``mode``: (output fp32, per probe {name: gradient fp32}). A probe is a fixed
+    random upstream gradient of the output (``probes`` of them, one forward); gradients are taken of the float
+    inputs (x, the shared bias) and of every parameter."""
     module = copy.deepcopy(module)
-    grads_wanted = mode != "bf16-inference"
+    grads_wanted = mode != "bf16-inference" and probes > 0
     if mode == "bf16-inference":
         module = module.to(torch.bfloat16).requires_grad_(False)
     inputs = {}
@@ -224,38 +239,37 @@ def run(module: nn.Module, args: tuple, kwargs: dict, mode: str, probe_seed: int
         out = module(*args, **kwargs)
     out = (out[0] if isinstance(out, tuple) else out).float()
     if not grads_wanted:
-        return out.detach(), {}
-    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(probe_seed))
+        return out.detach(), []
     wrt = {**inputs, **params}
-    grads = torch.autograd.grad((out * probe).sum(), list(wrt.values()), allow_unused=True)
-    return out.detach(), {k: (torch.zeros_like(v) if g is None else g).float() for (k, v), g in zip(wrt.items(), grads)}
+    per_probe = []
+    for i in range(probes):
+        probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(3 + i))
+        grads = torch.autograd.grad(out, list(wrt.values()), probe, retain_graph=True, allow_unused=True)
+        per_probe.append({k: (torch.zeros_like(v) if g is None else g).float() for (k, v), g in zip(wrt.items(),
+                                                                                                   grads)})
+    return out.detach(), per_probe
 
 
-# Where fdfast's bf16 gradient error is known to exceed TOL's 2x timm's: the bound it is held to meanwhile (times
-# timm's error, plus TOL's floor) and why. Each has a strict xfail test below asserting the 2x rule on a case
-# that breaks it, so fixing the cause turns that test into a failure that asks for this entry's removal.
-FOLDED_LOGIT_SCALE = (
-    "SwinV2's per-head logit scale is folded into q (the attention kernels take one scalar scale), so its gradient "
-    "is sum(dq * q_normalised) over dq in q's dtype (bf16) with heavy cancellation, where timm multiplies fp32 "
-    "logits: 2.5-2.7x timm's error on [4, 2, 49, 12] bf16 windows, every backend (fix: a per-head scale "
-    "argument of rpb_attention with its gradient reduced in fp32)")
-CPU_BF16_BACKWARD = (
-    "rpb_attention 'auto' on the CPU in bf16 (kernels/rpb_attention.py _CpuLowPrecisionAttention.backward) forms "
-    "dS = P (dP - rowsum(dP P)) from P saved in bf16 and dP rounded to bf16; with SwinV2's cosine logits "
-    "(scale 4.5-12) its dq / dk carry 2.6x timm's error into qkv.weight and 5-8x into the logit scale "
-    "([8, 2, 49, 12] and [4, 2, 64, 12] bf16, shifted windows); timm's autocast path keeps P and dS in fp32")
-KNOWN_DEVIATIONS = {  # (fast class, backend or "*", mode, tensor name suffix or "*") -> (times timm's error, why)
-    (FastSwinV2WindowAttention, "*", "bf16-autocast", "logit_scale"): (4.0, FOLDED_LOGIT_SCALE),
-    (FastSwinV2WindowAttention, "auto", "bf16-autocast", "*"): (10.0, CPU_BF16_BACKWARD),
+# Where fdfast's bf16 gradients are known to be less accurate than timm's own: the factor (times timm's error, plus
+# TOL's floor) they are held to meanwhile, and why. test_known_deviations_are_real pins each with a strict xfail
+# on the mean over seeds, so fixing the cause fails it until the entry goes.
+CPU_BF16_SWINV2 = (
+    "rpb_attention 'auto' on the CPU in bf16 (kernels/rpb_attention.py _CpuLowPrecisionAttention.backward: P saved "
+    "in bf16, dP and dS = P (dP - rowsum(dP P)) rounded to bf16 before dbias / dq / dk) loses precision in SwinV2's "
+    "reductions of dS: the logit-scale and CPB-MLP gradients carry 1.6-2.2x timm's autocast error on average over "
+    "8 seeds, up to 4.6x on one (SwinV2 student windows: q, k, v [8, 2, 49, 11] bf16, bias [2, 49, 49] fp32, mask "
+    "[4, 49, 49], logit scale 4.5-12); backends 'reference' and 'sdpa' on the same inputs: 0.9-1.1x timm's (timm "
+    "keeps the softmax and dS in fp32)")
+KNOWN_DEVIATIONS = {  # (fast class, backend, mode) -> (gradient bound: times timm's error, why)
+    (FastSwinV2WindowAttention, "auto", "bf16-autocast"): (6.0, CPU_BF16_SWINV2),
 }
 
 
-def known_deviation(fast_module: nn.Module, backend: str, mode: str, tensor: str) -> float | None:
-    """The largest bound (times timm's error) a KNOWN_DEVIATIONS entry allows ``tensor`` here, else None."""
+def known_deviation(fast_module: nn.Module, backend: str, mode: str) -> float | None:
+    """The gradient factor a KNOWN_DEVIATIONS entry allows ``fast_module`` (or a module inside it), else None."""
     classes = {type(m) for m in fast_module.modules()}
-    bounds = [times for (cls, b, m, suffix), (times, _) in KNOWN_DEVIATIONS.items()
-              if cls in classes and b in ("*", backend) and m == mode and (suffix == "*" or tensor.endswith(suffix))]
-    return max(bounds, default=None)
+    return max([times for (cls, b, m), (times, _) in KNOWN_DEVIATIONS.items()
+                if cls in classes and b == backend and m == mode], default=None)
 
 
 def rel_error(got: torch.Tensor, want: torch.Tensor, floor: float = 1e-6) -> float:
@@ -271,43 +285,47 @@ def parity(timm_module: nn.Module, fast_modules: dict[str, nn.Module], args: tup
            ) -> dict[str, dict[str, float]]:
     """Errors of each fdfast module ({backend: module}) and, in bf16, of timm's own module against timm's module
     in fp32: {backend: {"out", "grad" (the worst gradient), "timm_out", "timm_grad"}}. Asserts the tolerances,
-    listing every tensor beyond them (``KNOWN_DEVIATIONS`` widens the bf16 bound where it applies)."""
-    ref = run(timm_module, args, kwargs, "fp32")
-    low = run(timm_module, args, kwargs, mode) if mode != "fp32" else None
+    listing every tensor beyond them (a ``KNOWN_DEVIATIONS`` entry widens the bf16 gradient bound)."""
+    probes = PROBES.get(mode, 0)
+    ref = run(timm_module, args, kwargs, "fp32", probes)
+    low = run(timm_module, args, kwargs, mode, probes) if mode != "fp32" else None
     results, beyond = {}, []
     for backend, fast in fast_modules.items():
-        def times(tensor, fast=fast, backend=backend):
-            return known_deviation(fast, backend, mode, tensor) or TOL["bf16"]["times_timm"]
-        results[backend], over = _errors(run(fast, args, kwargs, mode), ref, low, mode, times)
+        grad_times = known_deviation(fast, backend, mode) or TOL["bf16"]["grad_times_timm"]
+        results[backend], over = _errors(run(fast, args, kwargs, mode, probes), ref, low, mode, grad_times)
         beyond += [(backend, *o) for o in over]
     assert not beyond, "beyond tolerance (backend, tensor, error, bound): " + "; ".join(
         f"{b} {k} {e:.3g} > {t:.3g}" for b, k, e, t in beyond)
     return results
 
 
-def _errors(got, ref, timm_low, mode: str, times) -> tuple[dict[str, float], list[tuple[str, float, float]]]:
-    """(worst errors, [(tensor, error, bound) beyond the tolerance]); ``times(tensor)``: the bf16 factor."""
+def _grad_errors(per_probe: list[dict], ref_per_probe: list[dict]) -> dict[str, float]:
+    """{tensor: relative error, the mean over probes}; each probe's floor is GRAD_FLOOR x its largest gradient."""
+    errors = {}
+    for grads, ref in zip(per_probe, ref_per_probe):
+        floor = GRAD_FLOOR * max(g.abs().max().item() for g in ref.values()) + 1e-12
+        for key, want in ref.items():
+            errors[key] = errors.get(key, 0.0) + rel_error(grads[key], want, floor) / len(per_probe)
+    return errors
+
+
+def _errors(got, ref, timm_low, mode: str, grad_times: float
+            ) -> tuple[dict[str, float], list[tuple[str, float, float]]]:
+    """(worst errors, [(tensor, error, bound) beyond the tolerance]); bf16 gradients within ``grad_times`` x
+    timm's error + the floor."""
     (out, grads), (ref_out, ref_grads) = got, ref
-    assert out.shape == ref_out.shape and grads.keys() == (ref_grads.keys() if grads else set())
-    floor = GRAD_FLOOR * max([g.abs().max().item() for g in ref_grads.values()], default=0.0) + 1e-12
-    errors, over = {"out": rel_error(out, ref_out)}, []
+    assert out.shape == ref_out.shape and len(grads) == len(ref_grads)
+    grad_errors = _grad_errors(grads, ref_grads) if grads else {}
+    errors = {"out": rel_error(out, ref_out), "grad": max(grad_errors.values(), default=0.0)}
     if mode == "fp32":
-        bounds = {"out": TOL["fp32"]["out"], **{k: TOL["fp32"]["grad"] for k in grads}}
+        bounds = {"out": TOL["fp32"]["out"], **{k: TOL["fp32"]["grad"] for k in grad_errors}}
     else:
-        (timm_out, timm_grads), plus = timm_low, TOL["bf16"]["floor"]
-        errors["timm_out"] = rel_error(timm_out, ref_out)
-        bounds = {"out": TOL["bf16"]["times_timm"] * errors["timm_out"] + plus}
-        for key in grads:
-            timm_err = rel_error(timm_grads[key], ref_grads[key], floor)
-            errors["timm_grad"] = max(errors.get("timm_grad", 0.0), timm_err)
-            bounds[key] = times(key) * timm_err + plus
-    if errors["out"] > bounds["out"]:
-        over.append(("output", errors["out"], bounds["out"]))
-    for key in grads:
-        err = rel_error(grads[key], ref_grads[key], floor)
-        errors["grad"] = max(errors.get("grad", 0.0), err)
-        if err > bounds[key]:
-            over.append((key, err, bounds[key]))
+        (timm_out, timm_grads), tol = timm_low, TOL["bf16"]
+        timm_grad_errors = _grad_errors(timm_grads, ref_grads) if grads else {}
+        errors.update(timm_out=rel_error(timm_out, ref_out), timm_grad=max(timm_grad_errors.values(), default=0.0))
+        bounds = {"out": tol["out_times_timm"] * errors["timm_out"] + tol["floor"],
+                  **{k: grad_times * timm_grad_errors[k] + tol["floor"] for k in grad_errors}}
+    over = [(k, e, bounds[k]) for k, e in (("out", errors["out"]), *grad_errors.items()) if e > bounds[k]]
     return errors, over
 
 
@@ -337,18 +355,20 @@ def _shapes(args: tuple, kwargs: dict) -> str:
 _MODEL_RESULTS: dict[tuple, dict] = {}  # registry rows that shrink to the same model share one comparison
 
 
-def module_parity(model: nn.Module, images: torch.Tensor, mode: str, backends=None) -> dict:
+def module_parity(model: nn.Module, images: torch.Tensor, mode: str, backends=None,
+                  kinds=("attention", "residual", "linear")) -> dict:
     """Every module of ``model`` a fast forward covers against timm's, on its input inside ``model``, in ``mode``
     and each attention backend: {(kind, backend): worst errors}. Modules alike (same fingerprint and input shapes:
     the blocks of a model) are compared once; so are models alike."""
     backends = backends or BACKENDS[mode]
-    key = (fingerprint(model), tuple(images.shape), mode, backends)
+    key = (fingerprint(model), tuple(images.shape), mode, backends, kinds)
     if key in _MODEL_RESULTS:
         return _MODEL_RESULTS[key]
     results = {}
-    for kind in ("attention", "residual", "linear"):
+    for kind in kinds:
         names = {name for name, _ in swap_forwards(copy.deepcopy(model), _fast_kinds(model)[kind])}
-        originals = [m for n, m in model.named_modules() if n in names]
+        # outermost only: an MLP's fc1 / fc2 are compared as part of it
+        originals = [m for n, m in model.named_modules() if n in names and n.rpartition(".")[0] not in names]
         captured = _captured_inputs(model, images, originals)  # modules called by their parent (not BEiT's qkv)
         alike = {}
         for module in originals:
@@ -430,7 +450,7 @@ def test_student_matches_timm(name, mode):
     images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
     fasts = {b: _Tokens(patch_model(copy.deepcopy(fast_model), backend=b)) for b in BACKENDS[mode]}
     parity(_Tokens(timm_model), fasts, (), {"images": images}, mode)
-    module_parity(timm_model.eval(), images, mode)
+    module_parity(timm_model.eval(), images, mode, kinds=("attention", "residual"))  # what fast=True swaps
 
 
 class _Tokens(nn.Module):
@@ -476,33 +496,33 @@ def test_drop_path_masks_follow_the_seed():
 # timm modules built directly: options only a user's own model reaches (patch_model is public API)
 def _beit_attention(**kw):
     from timm.models.beit import Attention
-    return Attention(36, num_heads=3, qkv_bias=True, window_size=(4, 4), **kw)
+    return Attention(33, num_heads=3, qkv_bias=True, window_size=(4, 4), **kw)
 
 
 def _vit_attention(**kw):
     from timm.layers.attention import Attention
-    return Attention(36, num_heads=3, qkv_bias=True, **kw)
+    return Attention(33, num_heads=3, qkv_bias=True, **kw)
 
 
 def _swinv2_attention(**kw):
     from timm.models.swin_transformer_v2 import WindowAttention
-    return WindowAttention(24, window_size=(7, 7), num_heads=2, **kw)
+    return WindowAttention(22, window_size=(7, 7), num_heads=2, **kw)
 
 
 MODULES = {  # name: (module, inputs (args, kwargs))
     "beit-qkv-bias-separate": (lambda: _beit_attention(qkv_bias_separate=True),
-                               lambda g: ((torch.randn(3, 17, 36, generator=g),), {})),
+                               lambda g: ((torch.randn(3, 17, 33, generator=g),), {})),
     "beit-shared-plus-own-table": (lambda: _beit_attention(),
-                                   lambda g: ((torch.randn(1, 17, 36, generator=g),),
+                                   lambda g: ((torch.randn(1, 17, 33, generator=g),),
                                               {"shared_rel_pos_bias": torch.randn(3, 17, 17, generator=g)})),
-    "vit-gated": (lambda: _vit_attention(gated=True), lambda g: ((torch.randn(2, 197, 36, generator=g),), {})),
+    "vit-gated": (lambda: _vit_attention(gated=True), lambda g: ((torch.randn(2, 197, 33, generator=g),), {})),
     "vit-head-dim-20": (lambda: _vit_attention(attn_head_dim=20),
-                        lambda g: ((torch.randn(1, 65, 36, generator=g),), {})),
+                        lambda g: ((torch.randn(1, 65, 33, generator=g),), {})),
     "swinv2-qkv-bias-separate": (lambda: _swinv2_attention(qkv_bias_separate=True),
-                                 lambda g: ((torch.randn(4, 49, 24, generator=g),), {})),
+                                 lambda g: ((torch.randn(4, 49, 22, generator=g),), {})),
     "swinv2-pretrained-window-masked": (
         lambda: _swinv2_attention(pretrained_window_size=(4, 4)),
-        lambda g: ((torch.randn(8, 49, 24, generator=g),),
+        lambda g: ((torch.randn(8, 49, 22, generator=g),),
                    {"mask": torch.where(torch.rand(4, 49, 49, generator=g) < 0.3, -100.0, 0.0)})),
 }
 
@@ -517,38 +537,31 @@ def test_timm_attention_options_match_timm(name, mode):
     parity(module, {b: swap(module, "attention", b) for b in BACKENDS[mode]}, args, kwargs, mode)
 
 
-# ---- the known deviations, pinned (see KNOWN_DEVIATIONS) ---------------------------------------------------------
+# ---- known deviations, pinned ----------------------------------------------------------------------------------
 
-def _bf16_gradient_errors(module, fast, args, kwargs) -> dict[str, tuple[float, float]]:
-    """{tensor: (fdfast's error, timm's own bf16 error)} of the gradients, against timm's module in fp32."""
-    ref_out, ref = run(module, args, kwargs, "fp32")
-    _, low = run(module, args, kwargs, "bf16-autocast")
-    _, got = run(fast, args, kwargs, "bf16-autocast")
-    floor = GRAD_FLOOR * max(g.abs().max().item() for g in ref.values())
-    return {k: (rel_error(got[k], ref[k], floor), rel_error(low[k], ref[k], floor)) for k in ref}
+SEEDS = range(6)  # one seed's bf16 error of a cancelling reduction is a noisy sample: compare means
 
 
-def _within_2x_timm(errors: dict, tensor: str) -> bool:
-    err, timm_err = errors[tensor]
-    return err <= TOL["bf16"]["times_timm"] * timm_err + TOL["bf16"]["floor"]
-
-
-@pytest.mark.xfail(strict=True, reason=FOLDED_LOGIT_SCALE)
-@pytest.mark.parametrize("backend", ["sdpa", "reference"])
-def test_swinv2_logit_scale_gradient_in_bf16_is_within_2x_timm(backend):
-    build, inputs = MODULES["swinv2-qkv-bias-separate"]
-    torch.manual_seed(0)
-    module = randomised(build()).eval()
-    args, kwargs = inputs(torch.Generator().manual_seed(4))
-    errors = _bf16_gradient_errors(module, swap(module, "attention", backend), args, kwargs)
-    assert _within_2x_timm(errors, "logit_scale"), errors["logit_scale"]
-
-
-@pytest.mark.xfail(strict=True, reason=CPU_BF16_BACKWARD)
-def test_swinv2_cpu_bf16_attention_gradients_are_within_2x_timm():
-    model, size = _teacher_template("swinv2-t-w8")
-    images = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(2))
-    attn = model.layers[0].blocks[1].attn  # the shifted windows
-    args, kwargs = _captured_inputs(model, images, [attn])[id(attn)]
-    errors = _bf16_gradient_errors(attn, swap(attn, "attention", "auto"), args, kwargs)
-    assert _within_2x_timm(errors, "qkv.weight"), errors["qkv.weight"]
+@pytest.mark.parametrize("backend", [
+    "sdpa", "reference",
+    pytest.param("auto", marks=pytest.mark.xfail(strict=True, reason=CPU_BF16_SWINV2))])
+def test_known_deviations_are_real(backend):
+    """SwinV2's logit-scale and CPB-MLP gradients in bf16 (both window attentions of the student: plain and
+    shifted), error relative to timm's own bf16 error, averaged over seeds: at most 1.5x (sampling noise)."""
+    keys = ("logit_scale", "cpb_mlp.2.weight")
+    ratios = {(block, key): [] for block in (0, 1) for key in keys}
+    for seed in SEEDS:
+        torch.manual_seed(seed)
+        model = randomised(build_student(STUDENTS["swinv2"]), seed=seed).eval()
+        images = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(100 + seed))
+        for block in (0, 1):
+            attn = model.layers[0].blocks[block].attn
+            args, kwargs = _captured_inputs(model, images, [attn])[id(attn)]
+            probes = PROBES["bf16-autocast"]
+            ref = run(attn, args, kwargs, "fp32", probes)[1]
+            timm_errors = _grad_errors(run(attn, args, kwargs, "bf16-autocast", probes)[1], ref)
+            errors = _grad_errors(run(swap(attn, "attention", backend), args, kwargs, "bf16-autocast", probes)[1], ref)
+            for key in keys:
+                ratios[block, key].append(errors[key] / timm_errors[key])
+    means = {k: sum(v) / len(v) for k, v in ratios.items()}
+    assert max(means.values()) <= 1.5, means
