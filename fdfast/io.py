@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -65,8 +66,12 @@ class WriteFailed(FDFastError):
         super().__init__(f"cannot write {path}: {error.strerror or error}")
 
 
-def is_write_failure(error: BaseException) -> bool:
-    return isinstance(error, OSError) and error.errno in _FIX
+def _os_error(error: BaseException) -> OSError | None:
+    """``error`` as an OSError: itself, or what a Rust writer (safetensors) reports as "... (os error 28)"."""
+    if isinstance(error, OSError):
+        return error
+    found = re.search(r"\(os error (\d+)\)", str(error)) if isinstance(error, Exception) else None
+    return OSError(int(found.group(1)), os.strerror(int(found.group(1)))) if found else None
 
 
 @contextmanager
@@ -75,9 +80,12 @@ def writing(path: os.PathLike) -> Iterator[None]:
     naming ``path``; other errors (a missing input, a bug) pass unchanged."""
     try:
         yield
-    except OSError as e:
-        if is_write_failure(e):
-            raise WriteFailed(path, e) from None
+    except WriteFailed:
+        raise
+    except Exception as e:
+        error = _os_error(e)
+        if error is not None and error.errno in _FIX:
+            raise WriteFailed(path, error) from None
         raise
 
 

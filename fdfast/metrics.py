@@ -6,6 +6,7 @@ file, raised in the calling thread (the loop turns it into one line).
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -14,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from fdfast.io import atomic_write_text, fsync_file, writing
+from fdfast.io import WriteFailed, atomic_write_text, fsync_file, writing
 
 _EVENT_FILES = itertools.count()  # unique event file names within one process
 
@@ -39,9 +40,15 @@ class EventFile:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.file = open(self.path, "wb")
         self.records = RecordWriter(self.file)
-        self._write(Event(wall_time=time.time(), file_version="brain.Event:2"))
-        if purge_step is not None:
-            self._write(Event(wall_time=time.time(), step=purge_step, session_log=SessionLog(status=SessionLog.START)))
+        try:
+            self._write(Event(wall_time=time.time(), file_version="brain.Event:2"))
+            if purge_step is not None:
+                self._write(Event(wall_time=time.time(), step=purge_step,
+                                  session_log=SessionLog(status=SessionLog.START)))
+        except WriteFailed:
+            with contextlib.suppress(OSError):  # closed now: a failing flush at garbage collection would print
+                self.file.close()
+            raise
 
     def scalars(self, step: int, values: dict, prefix: str) -> None:
         from tensorboard.compat.proto.summary_pb2 import Summary
@@ -60,7 +67,7 @@ class EventFile:
     def close(self) -> None:
         if not self.file.closed:
             with writing(self.path):
-                self.file.close()
+                self.file.close()  # the file is closed even when its last flush fails
 
 
 class MetricsLog:

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,3 +224,187 @@ def test_dcp_full_disk_is_one_line_and_keeps_the_committed_one(tmp_path, monkeyp
     assert [s for s, _ in ckpt.committed_steps(run)] == [1] and ckpt.damage(run / "checkpoints" / "step-1") is None
     assert not (run / "checkpoints" / ".tmp-step-2").exists()
     assert torch.equal(ckpt.read_dcp_model(run / "checkpoints" / "step-1")["student.w"], torch.ones(64, 64))
+
+
+# ----------------------------------------------------------------------------- a committed step is never lost
+class Killed(BaseException):
+    """A SIGKILL at this point: no except / finally of fdfast's code runs past it."""
+
+
+def _save(run, step, value, keep=5):
+    tensors = {"student.w": torch.full((8, 8), float(value)), "proj.weight": torch.ones(2, 2)}
+    return save_full(run, step, tensors, {"step": step, "value": value, "config": {"model": META}}, META, keep=keep)
+
+
+def _value(step_dir):
+    return float(ckpt.load_model_tensors(step_dir)["student.w"][0, 0])
+
+
+@pytest.mark.parametrize("cut", ["aside", "in", "removed"])
+def test_saving_a_committed_step_again_never_leaves_it_uncommitted(tmp_path, monkeypatch, cut):
+    """Re-committing step-2 (a run resumed at its last step) killed after each of the swap's moves: at every moment
+    a reader finds a committed, intact step-2, and recovery at the next start keeps the old or the new one."""
+    from fdfast import io
+    run = tmp_path / "run"
+    _save(run, 1, 1.0)
+    _save(run, 2, 2.0)
+    real_rename, real_rmtree = os.rename, io.shutil.rmtree
+
+    def rename(a, b):
+        real_rename(a, b)
+        (step, d), = [x for x in ckpt.committed_steps(run) if x[0] == 2]  # a reader, right now
+        assert ckpt.damage(d) is None
+        if (cut, Path(b).name) in (("aside", ".step-2.replaced"), ("in", "step-2")):
+            raise Killed
+
+    def rmtree(path, *a, **k):
+        real_rmtree(path, *a, **k)
+        if cut == "removed" and Path(path).name == ".step-2.replaced":
+            raise Killed
+    monkeypatch.setattr(io.os, "rename", rename)
+    monkeypatch.setattr(io.shutil, "rmtree", rmtree)
+    with pytest.raises(Killed):
+        _save(run, 2, 20.0)
+    monkeypatch.undo()
+    assert _value(dict(ckpt.committed_steps(run))[2]) == (2.0 if cut == "aside" else 20.0)
+    done = ckpt.recover(run)
+    assert done == {"aside": ["rolled back the interrupted replacement of checkpoints/step-2",
+                              "removed what an interrupted run left unfinished: checkpoints/.tmp-step-2"],
+                    "in": ["finished the interrupted replacement of checkpoints/step-2"], "removed": []}[cut]
+    assert sorted(os.listdir(run / "checkpoints")) == ["step-1", "step-2"]
+    assert _value(run / "checkpoints" / "step-2") == (2.0 if cut == "aside" else 20.0)
+    assert ckpt.damage(run / "checkpoints" / "step-2") is None
+
+
+def test_recover_removes_and_names_what_a_killed_writer_left(tmp_path):
+    run = tmp_path / "run"
+    _save(run, 1, 1.0)
+    root = run / "checkpoints"
+    (root / ".tmp-step-2").mkdir()
+    (root / ".tmp-step-2" / "model.safetensors").write_bytes(b"half")
+    (root / "step-3").mkdir()  # renamed in by an older fdfast, never marked
+    (run / ".summary.json.tmp-99-abcd").write_text("{")
+    done = ckpt.recover(run)
+    assert len(done) == 1 and done[0].startswith("removed what an interrupted run left unfinished: ")
+    for name in ("checkpoints/.tmp-step-2", "checkpoints/step-3", ".summary.json.tmp-99-abcd"):
+        assert name in done[0]
+    assert sorted(os.listdir(root)) == ["step-1"] and ".summary.json.tmp-99-abcd" not in os.listdir(run)
+    assert ckpt.recover(run) == []
+
+
+# ----------------------------------------------------------------------------- lineage
+def test_a_resume_to_an_earlier_step_moves_the_later_branch_out_of_sight(tmp_path):
+    run = tmp_path / "run"
+    for s in (2, 4, 6):
+        _save(run, s, s)
+    ckpt.save_student(run, {"w": torch.full((8, 8), 6.0)}, META)
+    step2 = run / "checkpoints" / "step-2"
+    branch, folder, moved = ckpt.start_branch(run, step2, "--resume step-2")
+    assert (branch, moved) == (1, [4, 6]) and folder.parent == run / "checkpoints"
+    assert [s for s, _ in ckpt.committed_steps(run)] == [2]
+    assert ckpt.resolve_resume(run, "auto") == step2  # --resume auto, export, finetune: the current branch only
+    assert float(ckpt.read_student(run)[1]["w"][0, 0]) == 2.0
+    assert sorted(os.listdir(folder)) == ["ABANDONED", "COMMITTED", "step-4", "step-6", "student.safetensors"]
+    journal = json.loads((folder / "ABANDONED").read_text())
+    assert journal["done"] and journal["branch"] == 1 and journal["resumed_from"] == str(step2)
+    assert ckpt.damage(folder / "step-6") is None and ckpt.damage(folder) is None  # kept intact, for a look back
+    assert ckpt.branch_of(run, step2) == 1  # a resume of step-2 continues branch 1
+    # the new branch commits step-4 again; a resume to step-2 once more leaves branch 1 as well
+    save_full(run, 4, {"student.w": torch.zeros(8, 8), "proj.weight": torch.ones(2, 2)}, {"step": 4}, META, keep=5,
+              branch=1)
+    assert ckpt.start_branch(run, step2, "--resume step-2")[0] == 2
+
+
+def test_a_resume_from_another_run_leaves_this_runs_steps_aside(tmp_path):
+    here, there = tmp_path / "here", tmp_path / "there"
+    _save(here, 2, 2.0)
+    _save(there, 8, 8.0)
+    branch, folder, moved = ckpt.start_branch(here, there / "checkpoints" / "step-8", "--resume other")
+    assert moved == [2] and ckpt.committed_steps(here) == [] and (folder / "step-2").is_dir()
+
+
+def test_a_move_cut_short_is_not_the_current_branch_and_is_finished_at_start(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    for s in (2, 4, 6):
+        _save(run, s, s)
+    real_rename = os.rename
+
+    def rename(a, b):
+        real_rename(a, b)
+        if Path(b).name == "step-4":
+            raise Killed  # step-4 moved, step-6 not yet
+    monkeypatch.setattr(ckpt.os, "rename", rename)
+    with pytest.raises(Killed):
+        ckpt.start_branch(run, run / "checkpoints" / "step-2", "--resume step-2")
+    monkeypatch.undo()
+    assert [s for s, _ in ckpt.committed_steps(run)] == [2]  # step-6 is on its way out: never resumed from
+    done = ckpt.recover(run)
+    assert done and done[0].startswith("finished moving steps 4, 6 to abandoned-")
+    folder = next((run / "checkpoints").glob("abandoned-*"))
+    assert sorted(os.listdir(folder)) == ["ABANDONED", "step-4", "step-6"]
+
+
+def test_pruning_keeps_the_newest_of_the_current_branch_by_commit_order(tmp_path):
+    """The issue's case: keep=2, committed {200, 300}, --resume step-200, then a save at 250: the branch is
+    {200, 250}; 300 (the branch left) is neither kept nor resumed from."""
+    run = tmp_path / "run"
+    for s in (100, 200, 300):
+        _save(run, s, s, keep=2)
+    assert [s for s, _ in ckpt.committed_steps(run)] == [200, 300]
+    ckpt.start_branch(run, run / "checkpoints" / "step-200", "--resume step-200")
+    _save(run, 250, 250, keep=2)
+    assert [s for s, _ in ckpt.committed_steps(run)] == [200, 250]
+    _save(run, 260, 260, keep=2)
+    assert [s for s, _ in ckpt.committed_steps(run)] == [250, 260]
+    assert ckpt.resolve_resume(run, "auto").name == "step-260"
+    seqs = [ckpt.marker_field(d, "seq") for _, d in ckpt.committed_steps(run)]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 2
+    # commit order, not step number: a step saved again (seq newest) counts as the newest
+    _save(run, 250, 251, keep=2)
+    assert [s for s, _ in ckpt.committed_steps(run)] == [250, 260]
+    _save(run, 255, 255, keep=2)
+    assert [s for s, _ in ckpt.committed_steps(run)] == [250, 255]
+
+
+def test_explicit_resume_then_a_stop_then_auto_stays_on_the_new_branch(tmp_path, teacher_file, image_dir, capsys,
+                                                                       monkeypatch):
+    """As a user meets it: a finished 8-step run (keep=2: steps 6, 8), `--resume .../step-6` with a change, killed
+    after committing step 7, then `--resume auto`: it continues from 7 (not the abandoned 8) and ends bitwise equal
+    to the same branch run without the kill; every resume says where it resumed from."""
+    from safetensors.torch import load_file
+    from fdfast.checkpointer import Checkpointer
+    out, ref = tmp_path / "run", tmp_path / "ref"
+    keep = ("--set", "ckpt.keep=2")
+    branch = ("--set", "ckpt.every=1", "--set", "model.drop_path=0.2")  # the new branch trains differently
+    assert main(tiny_args(out, teacher_file, image_dir, 8, *keep)) == 0
+    first = load_file(str(out / "student.safetensors"))
+    shutil_copy = __import__("shutil").copytree
+    shutil_copy(out, ref)
+    assert main(tiny_args(ref, teacher_file, image_dir, 8, *keep, "--resume", str(ref / "checkpoints" / "step-6"),
+                          *branch)) == 0
+    capsys.readouterr()
+    save = Checkpointer.save
+
+    def killed_after_7(self, step, run, state, meta):
+        save(self, step, run, state, meta)
+        if step == 7:
+            raise KeyboardInterrupt("killed")
+    monkeypatch.setattr(Checkpointer, "save", killed_after_7)
+    assert main(tiny_args(out, teacher_file, image_dir, 8, *keep, "--resume", str(out / "checkpoints" / "step-6"),
+                          *branch)) == 130
+    monkeypatch.setattr(Checkpointer, "save", save)
+    err = capsys.readouterr().err
+    assert f"fdfast train: resuming from {out / 'checkpoints' / 'step-6'} (step 6, branch 0)" in err
+    assert "step 8 (after step 6) left the current branch" in err and "continues as branch 1" in err
+    assert [s for s, _ in ckpt.committed_steps(out)] == [6, 7] and not (out / "student.safetensors").exists()
+    assert main(tiny_args(out, teacher_file, image_dir, 8, *keep, "--resume", "auto", *branch)) == 0
+    err = capsys.readouterr().err
+    assert f"resuming from {out / 'checkpoints' / 'step-7'} (step 7, branch 1)" in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from"] == {"path": str(out / "checkpoints" / "step-7"), "step": 7, "branch": 1,
+                                       "continues_as_branch": 1, "abandoned": None}
+    a, b = load_file(str(out / "student.safetensors")), load_file(str(ref / "student.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], first[k]) for k in a)
+    assert {ckpt.marker_field(d, "branch") for _, d in ckpt.committed_steps(out)} == {1}
+    rows = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows == list(range(1, 9))

@@ -190,3 +190,52 @@ def test_plain_torchrun_commits_too_but_ends_with_its_own_code(tmp_path, teacher
     (step, _), = ckpt.committed_steps(out)
     assert rc == 1 and "SignalException" in run.stderr
     assert run.stderr.count(f"stopped by SIGTERM after step {step} (committed)") == 2  # both ranks, one step
+
+
+# -- set-up: a signal before the first step ends the run at once, exit 130, nothing new written --------------------
+def _raise_first(sig, real):
+    def wrapper(*a, **k):
+        signal.raise_signal(sig)  # as if the scheduler's signal arrived while this part was being built
+        return real(*a, **k)
+    return wrapper
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("stage", ["teacher", "loader", "run", "resume"])
+def test_a_signal_during_set_up_exits_130_in_one_line_and_writes_nothing(tmp_path, teacher_file, image_dir, capsys,
+                                                                         monkeypatch, sig, stage):
+    from fdfast import checkpointer, data, distill, run as run_module
+    from fdfast.cli import main
+    out = tmp_path / "run"
+    extra = ()
+    if stage == "resume":  # a run with a committed step, resumed: its files stay as they were
+        assert main(tiny_args(out, teacher_file, image_dir, 2)) == 0
+        extra = ("--resume", "auto")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} if out.exists() else {}
+    capsys.readouterr()
+    owner, name = {"teacher": (distill, "teacher_from_config"), "loader": (data, "build_fd_loader"),
+                   "run": (run_module, "_compose"), "resume": (checkpointer.Checkpointer, "load")}[stage]
+    monkeypatch.setattr(owner, name, _raise_first(sig, getattr(owner, name)))
+    handlers = {s: signal.getsignal(s) for s in signals.STOP_SIGNALS}
+    assert main(tiny_args(out, teacher_file, image_dir, 4, *extra)) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"fdfast train: interrupted: stopped by {sig.name} during set-up, before the first step; "
+                       f"nothing new was committed"), err
+    assert "Traceback" not in "\n".join(err) and len(err) <= 2  # (a resume names its repair first, if any)
+    assert {s: signal.getsignal(s) for s in signals.STOP_SIGNALS} == handlers
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} if out.exists() else {}
+    assert after.keys() - {out / ".lock"} == before.keys() - {out / ".lock"}
+    assert all(after[p] == before[p] for p in before if p.name != ".lock")
+
+
+def test_a_group_sigterm_during_start_up_exits_130_in_one_line(tmp_path, teacher_file, image_dir):
+    """The first second of `fdfast train` (imports, parsing): the command line's SIGTERM handler ends it as Ctrl-C."""
+    out = tmp_path / "run"
+    run = GroupRun(_train_argv(out, teacher_file, image_dir, "torch"), tmp_path / "log")
+    time.sleep(0.5)
+    run.killpg(signal.SIGTERM)
+    rc = run.wait()
+    err = run.stderr.strip().splitlines()
+    assert rc == 130 and len(err) == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert err[0].startswith("fdfast") and "interrupted: stopped by SIGTERM during " in err[0]
+    assert not out.exists() and not run.group_alive()

@@ -400,7 +400,12 @@ def register(subparsers) -> None:
 
 
 def _run(args) -> int:
-    out = export(args.ckpt, args.out, args.to)
+    from fdfast.io import WriteFailed
+    try:
+        out = export(args.ckpt, args.out, args.to)
+    except WriteFailed as e:  # a full disk, an I/O error, a read-only folder: one line, the source untouched
+        raise FDFastError(f"{e}; the checkpoint exported, {args.ckpt}, is untouched: {e.fix}, then export "
+                          f"again") from None
     if args.to == "timm-dir":
         print(f"wrote {out}/ (config.json, model.safetensors, README.md): timm.create_model('local-dir:{out}', "
               f"pretrained=True) rebuilds it; huggingface_hub.upload_folder pushes it as is")
