@@ -90,6 +90,7 @@ def measure(kind: str, data: str, *, device: str, batch_size: int, workers: int,
     try:
         for _ in range(2):
             next(loader)
+        load = os.getloadavg()[0]  # other work on the machine: wall-clock img/s means little when this is high
         images, cpu0, start = 0, cpu_seconds(), time.perf_counter()
         while time.perf_counter() - start < seconds:
             x = next(loader)
@@ -101,7 +102,7 @@ def measure(kind: str, data: str, *, device: str, batch_size: int, workers: int,
         cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
         return dict(loader=loader.name, out_device=str(x.device), images=images, wall_s=round(wall, 2),
                     img_per_s=images / wall, cpu_s=None if cpu is None else round(cpu, 2),
-                    img_per_core_s=None if not cpu else images / cpu)
+                    img_per_core_s=None if not cpu else images / cpu, load_1m=round(load, 2))
     finally:
         loader.close()
 
