@@ -371,8 +371,8 @@ features = model.forward_features(images)
 ```
 
 ## How to fine-tune
-With fdfast (METHOD.md's recipe: mean-pooled tokens -> fc_norm started from the final norm -> new head, layer
-decay; RECIPE is one of fdfast's ft_* recipes, e.g. ft_demo):
+With fdfast (METHOD.md's recipe: a new head on the mean-pooled tokens, layer decay, Mixup / CutMix, RandAugment;
+RECIPE is one of fdfast's ft_* recipes, e.g. ft_demo):
 ```
 fdfast finetune local-dir:{name} RECIPE --data DATA   # DATA/train and DATA/val hold class subfolders
 ```
