@@ -1,42 +1,43 @@
 """timm stays the source of truth: every forward fdfast swaps into a timm model against timm's own module.
 
-The swapped forwards: ``patch_model``'s attention (timm BEiT / ViT / SwinV2 attention on ``rpb_attention``),
-``fuse_residuals``' BEiT blocks and ``pack_linears``' linears and MLPs (``fdfast.fastpath``). For every variant
-fdfast can build, each swapped module is compared with an untouched copy of timm's module on the input the
-module really receives inside its model (captured from timm's own forward): the output and every gradient
-(the module's inputs and all its parameters), and whole models end to end. Every module without a fast path
-(EVA's rope attention, Swin v1 windows, QuickGELU or 1x1-conv MLPs, BEiT blocks without layer scale, ...) must
-still be timm's class after patching.
+The swapped forwards are ``patch_model``'s attention (timm BEiT / ViT / SwinV2 attention on ``rpb_attention``),
+``fuse_residuals``' BEiT blocks and ``pack_linears``' linears and MLPs (``fdfast.fastpath``). Each swapped module
+is compared with an untouched copy of timm's module on the input it really receives inside its model (captured
+from timm's forward): the output and every gradient (its float inputs and all its parameters); whole teachers and
+students are compared end to end. Every module without a fast path (EVA's rope attention, Swin v1 windows,
+QuickGELU or 1x1-conv MLPs, BEiT blocks without layer scale, ...) must still be timm's class after patching.
 
-Variants (parametrised, so a new registry row or student preset is tested without an edit here):
-- every row of the teacher registry (``fdfast teachers``, plugins' rows included) and the open_clip form, shrunk to
-  2 blocks of width 36 (3 heads of 12: not a power of two) at its own patch size, 14 x 14 patches (197 tokens,
-  201 with DINOv2's registers), batch 1; Swin rows at 2 x 2 windows (49 / 64 / 196 tokens per window, the shifted
-  block with its mask); a timm architecture ``TINY`` does not shrink fails the test, and says so;
-- ``teacher.kwargs`` / timm-name variants beyond the rows (``EXTRA_TEACHERS``): qk-norm, attention output norm,
-  no qkv bias, GELU-tanh MLPs, EVA with fused qkv, ConvNeXt's 1x1-conv MLPs;
-- every student the builder makes (``STUDENTS``): shared / per-block relative position bias, absolute position
-  embedding, layer scale on / off, no qkv bias, SwinV2; trained with drop path 0.3 (the same seed gives the same
-  masks in timm's block and the fused one), 197 tokens, batch 2;
-- timm constructor options only a user's own model reaches (``patch_model`` is public API): BEiT's separate qkv
-  bias, gated ViT attention, SwinV2's qkv_bias_separate and pretrained window.
+Variants (parametrised: a new registry row, student preset or timm option is one entry, the tests follow):
+- every teacher registry row (``fdfast teachers``, plugins' rows included) and the open_clip form, shrunk by
+  ``TINY`` to 2 blocks of odd width 33 (3 heads of 11) at the row's own patch size and 14 x 14 patches (197
+  tokens, 201 with DINOv2's registers), batch 1; Swin rows at 2 x 2 windows (49 / 64 / 196 tokens each, the
+  second block shifted with its mask). An architecture ``TINY`` cannot shrink fails, naming the timm module;
+- ``EXTRA_TEACHERS``: teacher.kwargs / timm-name variants no row shows (qk-norm, attention output norm, no qkv
+  bias, GELU-tanh MLPs, EVA with fused qkv, ConvNeXt's 1x1-conv MLPs);
+- ``STUDENTS``: what the student builder makes (shared / per-block relative position bias, absolute position
+  embedding, layer scale on / off, no qkv bias, SwinV2), trained with drop path 0.3 on the same seed in timm's
+  model and fdfast's (so the masks are the same), 197 tokens (SwinV2: 8 windows of 49), batch 2;
+- ``MODULES``: timm constructor options only a user's own model reaches (``patch_model`` is public API).
 
-Precision modes and the backends they exercise on the CPU (``rpb_attention`` "auto" dispatches per dtype):
-| mode | what | attention backends run | checked |
+Precision modes, and the attention backends each runs (``rpb_attention`` "auto" dispatches per dtype):
+| mode | what it is | attention backends | compared |
 |---|---|---|---|
-| fp32 | fp32 weights and math | auto (= SDPA here), sdpa, reference; triton (interpreter, ``TRITON_CASES``) | output + every gradient |
-| bf16-autocast | the student's AMP: fp32 weights, bf16 autocast | auto (= fp32-logit bmm path), sdpa, reference | output + every gradient |
-| bf16-inference | the teacher as ``fdfast train`` stores it: bf16 weights, autocast, no grad | as bf16-autocast | output |
-On a CPU without bf16 units (and where a gradient is needed) ``pack_linears``' modules run ``F.linear``; on a
-native-bf16 CPU bf16-inference runs the oneDNN-packed GEMMs. The Triton interpreter computes bf16 wrongly
-(ENV.md), so Triton in bf16 is tested on a GPU (``test_patch_model.py -m gpu``).
+| fp32 | fp32 weights and math | auto (on the CPU: SDPA), reference; triton through the interpreter (``TRITON_CASES``) | output, every gradient |
+| bf16-autocast | the student's AMP | auto (on the CPU: the fp32-logit bmm path), sdpa, reference | output, every gradient (4 probes) |
+| bf16-inference | the teacher as ``fdfast train`` keeps it: bf16 weights, autocast, no grad | auto, sdpa, reference | output |
+``pack_linears``' modules run ``F.linear`` where a gradient is needed or the CPU has no bf16 units, and the
+oneDNN-packed bf16 GEMMs in bf16-inference on a native-bf16 CPU. Triton's interpreter computes bf16 wrongly
+(ENV.md): Triton in bf16 is tested on a GPU (``test_patch_model.py -m gpu``).
 
-Tolerances (``TOL``), errors relative to the reference's max |value|:
-- fp32: fdfast against timm's module in fp32: 2e-5 for outputs, 2e-4 for gradients (different but exact
-  summation orders; measured maxima are listed in the issue note).
-- bf16: both against timm's module in fp32 (the truth): fdfast's error may be at most 2x timm's own bf16 error
-  plus 2e-3 (the flash-attention tests' rule: no worse than the same math done in plain PyTorch at that
-  precision; the floor covers tensors where timm's bf16 error happens to be tiny).
+Tolerances (``TOL``), errors relative to the reference tensor's max |value|:
+- fp32, fdfast against timm's module: 2e-5 (outputs), 2e-4 (gradients): both exact, summed in other orders.
+- bf16, fdfast and timm's own module both against timm's module in fp32: fdfast's output error at most 2x timm's
+  plus 2e-3 (the flash-attention tests' rule), each gradient's at most 3x timm's plus 2e-3, its error the mean
+  over 4 random upstream gradients ("probes"): a cancelling reduction (SwinV2's 2-value logit scale) has a noisy
+  error per sample, up to ~2.4x timm's on one seed where the means over seeds agree (0.9-1.2x).
+- A gradient is compared at no less than ``GRAD_FLOOR`` x the largest gradient of its module: some are zero by
+  symmetry (a k-norm bias shifts all keys alike), their values rounding noise.
+- ``KNOWN_DEVIATIONS``: measured, explained, held to a wider bound, pinned by a strict xfail.
 """
 from __future__ import annotations
 
@@ -44,7 +45,6 @@ import copy
 import functools
 
 import pytest
-import timm
 import torch
 from timm.models import model_entrypoint
 from torch import nn
@@ -53,24 +53,23 @@ from fdfast.attention import FAST_ATTENTION, FastSwinV2WindowAttention, patch_mo
 from fdfast.config import ModelConfig
 from fdfast.fastpath import (FusedResidualBlock, PackedLinear, PackedMlp, fuse_residuals, pack_linears,
                              swap_forwards, timm_class)
+from fdfast.models import tokens
 from fdfast.models.student import build_student
-from fdfast.models.teachers import OPEN_CLIP, build_teacher, teacher_names
+from fdfast.models.teachers import OPEN_CLIP, build_teacher, get_entry, teacher_names
+
+# ---- tolerances ------------------------------------------------------------------------------------------------
 
 TOL = {
-    "fp32": {"out": 2e-5, "grad": 2e-4},  # relative to max |reference|
+    "fp32": {"out": 2e-5, "grad": 2e-4},
     "bf16": {"out_times_timm": 2.0, "grad_times_timm": 3.0, "floor": 2e-3},
 }
+GRAD_FLOOR = 1e-3
 MODES = ("fp32", "bf16-autocast", "bf16-inference")
-# upstream gradients per comparison: bf16 rounding makes one probe's error of a small, cancelling gradient (SwinV2's
-# 2-value logit scale) a noisy sample, up to 3.8x timm's on one seed where the means over seeds are equal
-# (0.9-1.2x); the mean over 4 probes stays within 1.8x (8 seeds)
-PROBES = {"fp32": 1, "bf16-autocast": 4}
-# attention backends per mode: on the CPU "auto" is SDPA in fp32 (so "sdpa" is not run twice there) and the
-# fp32-logit bmm path in bf16
-BACKENDS = {"fp32": ("auto", "reference"), "bf16-autocast": ("auto", "sdpa", "reference"),
-            "bf16-inference": ("auto", "sdpa", "reference")}
+PROBES = {"fp32": 1, "bf16-autocast": 4}  # upstream gradients per comparison (bf16-inference: none)
+BACKENDS = {"fp32": ("auto", "reference"),  # on the CPU "auto" is SDPA in fp32: "sdpa" would run it twice
+            "bf16-autocast": ("auto", "sdpa", "reference"), "bf16-inference": ("auto", "sdpa", "reference")}
 
-# ---- the variants ------------------------------------------------------------------------------------------
+# ---- the variants ----------------------------------------------------------------------------------------------
 
 VIT = dict(embed_dim=33, depth=2, num_heads=3)  # odd widths: head dim 11, MLP 132 (DINOv2-g's SwiGLU: 176)
 SWIN = dict(embed_dim=22, depths=(2,), num_heads=(2,))  # one stage: a plain and a shifted block, head dim 11
@@ -80,9 +79,9 @@ TINY = {  # timm module of an architecture -> kwargs that shrink it, keeping its
     "swin_transformer": SWIN, "swin_transformer_v2": SWIN,
     "convnext": dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32)),
     "resnet": dict(layers=(1, 1, 1, 1)),
-    "efficientnet": dict(),  # no attention, no MLP: only "nothing switched" is checked
+    "efficientnet": dict(),  # neither attention nor MLP: only "nothing is switched" applies
 }
-EXTRA_TEACHERS = {  # teacher.kwargs and plain timm names: variants the registry rows do not show
+EXTRA_TEACHERS = {  # name -> (timm name, teacher.kwargs)
     "vit-qk-norm": ("vit_small_patch16_224", dict(qk_norm=True)),
     "vit-attn-out-norm": ("vit_small_patch16_224", dict(scale_attn_norm=True)),
     "vit-no-qkv-bias": ("vit_small_patch16_224", dict(qkv_bias=False)),
@@ -92,7 +91,7 @@ EXTRA_TEACHERS = {  # teacher.kwargs and plain timm names: variants the registry
 }
 TEACHERS = [*teacher_names(), OPEN_CLIP + "ViT-B-16", OPEN_CLIP + "ViT-B-16-quickgelu", *EXTRA_TEACHERS]
 
-_STUDENT = dict(size="tiny", patch_size=16, img_size=224, drop_path=0.3, kwargs=VIT)  # 197 tokens
+_STUDENT = dict(size="tiny", patch_size=16, img_size=224, drop_path=0.3, kwargs=VIT)  # 14 x 14 + CLS = 197 tokens
 STUDENTS = {
     "shared-rpb": ModelConfig(**_STUDENT),  # FD's student
     "per-block-rpb": ModelConfig(**dict(_STUDENT, pos_bias="per_block")),
@@ -103,8 +102,63 @@ STUDENTS = {
     "swinv2": ModelConfig(arch="swinv2", size="tiny", img_size=56, drop_path=0.3,
                           kwargs=dict(SWIN, depths=[2], num_heads=[2], window_size=7)),
 }
-# Triton under the interpreter costs seconds per call: one case per fast attention class and bias kind
-TRITON_CASES = ("shared-rpb", "per-block-rpb", "swinv2", "dino-vit-s16")
+TRITON_CASES = ("shared-rpb", "per-block-rpb", "swinv2", "dino-vit-s16")  # seconds each in the interpreter
+
+
+def _beit_attention(**kw):
+    from timm.models.beit import Attention
+    return Attention(33, num_heads=3, qkv_bias=True, window_size=(4, 4), **kw)
+
+
+def _vit_attention(**kw):
+    from timm.layers.attention import Attention
+    return Attention(33, num_heads=3, qkv_bias=True, **kw)
+
+
+def _swinv2_attention(**kw):
+    from timm.models.swin_transformer_v2 import WindowAttention
+    return WindowAttention(22, window_size=(7, 7), num_heads=2, **kw)
+
+
+MODULES = {  # name: (timm module, generator -> its (args, kwargs))
+    "beit-qkv-bias-separate": (lambda: _beit_attention(qkv_bias_separate=True),
+                               lambda g: ((torch.randn(3, 17, 33, generator=g),), {})),
+    "beit-shared-plus-own-table": (lambda: _beit_attention(),
+                                   lambda g: ((torch.randn(1, 17, 33, generator=g),),
+                                              {"shared_rel_pos_bias": torch.randn(3, 17, 17, generator=g)})),
+    "vit-gated": (lambda: _vit_attention(gated=True), lambda g: ((torch.randn(2, 197, 33, generator=g),), {})),
+    "vit-head-dim-20": (lambda: _vit_attention(attn_head_dim=20),
+                        lambda g: ((torch.randn(1, 65, 33, generator=g),), {})),
+    "swinv2-qkv-bias-separate": (lambda: _swinv2_attention(qkv_bias_separate=True),
+                                 lambda g: ((torch.randn(4, 49, 22, generator=g),), {})),
+    "swinv2-pretrained-window-masked": (
+        lambda: _swinv2_attention(pretrained_window_size=(4, 4)),
+        lambda g: ((torch.randn(8, 49, 22, generator=g),),
+                   {"mask": torch.where(torch.rand(4, 49, 49, generator=g) < 0.3, -100.0, 0.0)})),
+}
+
+# ---- known deviations ------------------------------------------------------------------------------------------
+
+# Where fdfast's bf16 gradients are known to be less accurate than timm's own: the factor of timm's error (plus the
+# floor) they are held to meanwhile, and why. test_known_deviations_are_real pins each with a strict xfail on the
+# mean over seeds, so fixing the cause fails that test until the entry goes.
+CPU_BF16_SWINV2 = (
+    "rpb_attention 'auto' on the CPU in bf16 (kernels/rpb_attention.py _CpuLowPrecisionAttention.backward: P saved "
+    "in bf16, dP and dS = P (dP - rowsum(dP P)) rounded to bf16 before dbias / dq / dk) loses precision in SwinV2's "
+    "reductions of dS: the logit-scale and CPB-MLP gradients carry 1.6-2.2x timm's autocast error on average over "
+    "8 seeds, up to 4.6x on one (SwinV2 student windows: q, k, v [8, 2, 49, 11] bf16, bias [2, 49, 49] fp32, mask "
+    "[4, 49, 49], logit scale 4.5-12); backends 'reference' and 'sdpa' on the same inputs: 0.9-1.1x timm's (timm "
+    "keeps the softmax and dS in fp32)")
+KNOWN_DEVIATIONS = {  # (fast class, backend, mode) -> (gradient bound: times timm's error, why)
+    (FastSwinV2WindowAttention, "auto", "bf16-autocast"): (6.0, CPU_BF16_SWINV2),
+}
+
+
+def known_deviation(fast_module: nn.Module, backend: str, mode: str) -> float | None:
+    """The gradient factor a KNOWN_DEVIATIONS entry allows ``fast_module`` (or a module inside it), else None."""
+    classes = {type(m) for m in fast_module.modules()}
+    return max([times for (cls, b, m), (times, _) in KNOWN_DEVIATIONS.items()
+                if cls in classes and b == backend and m == mode], default=None)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -116,48 +170,48 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-# ---- building ----------------------------------------------------------------------------------------------
+# ---- building --------------------------------------------------------------------------------------------------
 
-def _teacher_spec(name: str) -> tuple[str, dict]:
-    return EXTRA_TEACHERS.get(name, (name, {}))
+FAST_KINDS = {  # the entry point that swaps them in -> fdfast's fast classes
+    "attention": tuple(FAST_ATTENTION.values()), "residual": (FusedResidualBlock,),
+    "linear": (PackedLinear, PackedMlp)}
 
 
-def _tiny_kwargs(arch: str) -> dict:
-    module = model_entrypoint(arch.split(".")[0]).__module__.rsplit(".", 1)[-1]
+def _tiny_kwargs(timm_name: str) -> dict:
+    module = model_entrypoint(timm_name.split(".")[0]).__module__.rsplit(".", 1)[-1]
     if module not in TINY:
-        pytest.fail(f"timm {arch} (timm.models.{module}) has no tiny configuration: add one to TINY in {__file__}")
+        pytest.fail(f"timm {timm_name} (timm.models.{module}) has no tiny configuration: add one to TINY in "
+                    f"tests/test_timm_parity.py")
     return TINY[module]
 
 
-def _geometry_kwargs(model: nn.Module) -> dict:
-    """img_size for 14 x 14 patches (ViT-like) or 2 x 2 windows (Swin); CNNs: 32 px."""
+def _image_size(model: nn.Module) -> int:
+    """14 x 14 patches (ViT-like), 2 x 2 windows (Swin: patch 4, window of block 0), 32 px (CNN)."""
     embed = getattr(model, "patch_embed", None)
-    if getattr(model, "layers", None) is not None and embed is not None:  # Swin: patch 4, windows from block 0
+    if embed is None:
+        return 32
+    if getattr(model, "layers", None) is not None:
         window = model.layers[0].blocks[0].window_size
-        window = window if isinstance(window, int) else window[0]
-        return dict(img_size=embed.patch_size[0] * 2 * window)
-    if embed is not None:
-        return dict(img_size=embed.patch_size[0] * 14)
-    return dict(img_size=32)
+        return embed.patch_size[0] * 2 * (window if isinstance(window, int) else window[0])
+    return embed.patch_size[0] * 14
 
 
 @functools.lru_cache(maxsize=None)
-def _teacher_template(name: str):
-    """(tiny timm backbone as the registry builds it, random weights and trainable; image size)."""
-    from fdfast.models.teachers import get_entry
-    arch, kw = _teacher_spec(name)
+def teacher_template(name: str) -> tuple[nn.Module, int]:
+    """(the tiny timm backbone the registry builds for ``name``, randomised and trainable; its image size)."""
+    arch, kw = EXTRA_TEACHERS.get(name, (name, {}))
     tiny = dict(_tiny_kwargs(get_entry(arch).timm_name), **kw)
     with torch.device("meta"):  # the patch / window size, which sets the image size
-        size = _geometry_kwargs(build_teacher(arch, weights="random", **tiny).backbone)["img_size"]
+        size = _image_size(build_teacher(arch, weights="random", **tiny).backbone)
     torch.manual_seed(0)
     backbone = build_teacher(arch, weights="random", img_size=size, **tiny).backbone
-    return randomised(backbone.requires_grad_(True).train(False)), size
+    return randomised(backbone.requires_grad_(True)), size
 
 
 def randomised(model: nn.Module, seed: int = 1) -> nn.Module:
-    """Random values, fixed seed, for every parameter timm initialises to one constant (relative position bias
-    tables, q / v biases, layer scales, SwinV2's zero-initialised post-norms, logit scales), which would hide a
-    mistake in a gradient or zero it outright; logit scales in exp(1.5..2.5) = 4.5..12, below timm's clamp."""
+    """Random values for every parameter timm initialises to one constant (relative position bias tables, q / v
+    biases, layer scales, SwinV2's zero post-norms), which would hide a wrong gradient or zero it; logit scales
+    in exp(1.5..2.5) = 4.5..12, below timm's clamp. In place; returns the model."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -166,12 +220,6 @@ def randomised(model: nn.Module, seed: int = 1) -> nn.Module:
             elif p.numel() > 1 and bool((p == p.flatten()[0]).all()):
                 p.add_(torch.randn(p.shape, generator=g) * 0.5)
     return model
-
-
-def _fast_kinds(model: nn.Module) -> dict[str, tuple[type, ...]]:
-    """fdfast's fast classes, by the entry point that swaps them in."""
-    return {"attention": tuple(FAST_ATTENTION.values()), "residual": (FusedResidualBlock,),
-            "linear": (PackedLinear, PackedMlp)}
 
 
 def swap(module: nn.Module, kind: str, backend: str) -> nn.Module:
@@ -186,10 +234,23 @@ def swap(module: nn.Module, kind: str, backend: str) -> nn.Module:
     return fast
 
 
-# ---- comparing -----------------------------------------------------------------------------------------------
+class Tokens(nn.Module):
+    """A model's final tokens (``fdfast.models.tokens``) as its forward; drop path masks from one fixed seed."""
 
-def _captured_inputs(model: nn.Module, images: torch.Tensor, modules: list[nn.Module]) -> dict[int, tuple]:
-    """What each module receives inside ``model``'s forward (timm's): id(module) -> (args, kwargs), detached."""
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        torch.manual_seed(7)
+        return tokens.final_tokens(self.model, images)
+
+
+# ---- running and comparing -------------------------------------------------------------------------------------
+
+def captured_inputs(model: nn.Module, images: torch.Tensor, modules: list[nn.Module]) -> dict[int, tuple]:
+    """What each module receives in ``model``'s forward: id(module) -> (args, kwargs), detached copies. Modules
+    their parent never calls (BEiT's qkv: F.linear on its weight) are absent."""
     seen = {}
 
     def keep(value):
@@ -201,7 +262,7 @@ def _captured_inputs(model: nn.Module, images: torch.Tensor, modules: list[nn.Mo
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
     try:
         with torch.no_grad():
-            model(images)
+            tokens.final_tokens(model, images)
     finally:
         for h in handles:
             h.remove()
@@ -209,7 +270,7 @@ def _captured_inputs(model: nn.Module, images: torch.Tensor, modules: list[nn.Mo
 
 
 # SwinV2's shift mask, ViT's explicit mask: constants; a whole model's pixels: their gradient is timm's patch
-# embedding's (the swapped modules' input gradients are checked module by module)
+# embedding's (each swapped module's input gradient is checked module by module)
 NO_GRAD_INPUTS = ("mask", "attn_mask", "images")
 
 
@@ -234,51 +295,54 @@ def run(module: nn.Module, args: tuple, kwargs: dict, mode: str, probes: int) ->
     args = tuple(prepare(str(i), a) for i, a in enumerate(args))
     kwargs = {k: prepare(k, v) for k, v in kwargs.items()}
     params = {n: p for n, p in module.named_parameters() if p.requires_grad} if grads_wanted else {}
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode != "fp32"), \
-            torch.set_grad_enabled(grads_wanted):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode != "fp32"), torch.set_grad_enabled(grads_wanted):
         out = module(*args, **kwargs)
     out = (out[0] if isinstance(out, tuple) else out).float()
-    if not grads_wanted:
-        return out.detach(), []
     wrt = {**inputs, **params}
+    if not grads_wanted or not wrt:  # inference, or a frozen module on constant inputs
+        return out.detach(), []
     per_probe = []
     for i in range(probes):
         probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(3 + i))
         grads = torch.autograd.grad(out, list(wrt.values()), probe, retain_graph=True, allow_unused=True)
-        per_probe.append({k: (torch.zeros_like(v) if g is None else g).float() for (k, v), g in zip(wrt.items(),
-                                                                                                   grads)})
+        per_probe.append({k: (torch.zeros_like(v) if g is None else g).float()
+                          for (k, v), g in zip(wrt.items(), grads)})
     return out.detach(), per_probe
 
 
-# Where fdfast's bf16 gradients are known to be less accurate than timm's own: the factor (times timm's error, plus
-# TOL's floor) they are held to meanwhile, and why. test_known_deviations_are_real pins each with a strict xfail
-# on the mean over seeds, so fixing the cause fails it until the entry goes.
-CPU_BF16_SWINV2 = (
-    "rpb_attention 'auto' on the CPU in bf16 (kernels/rpb_attention.py _CpuLowPrecisionAttention.backward: P saved "
-    "in bf16, dP and dS = P (dP - rowsum(dP P)) rounded to bf16 before dbias / dq / dk) loses precision in SwinV2's "
-    "reductions of dS: the logit-scale and CPB-MLP gradients carry 1.6-2.2x timm's autocast error on average over "
-    "8 seeds, up to 4.6x on one (SwinV2 student windows: q, k, v [8, 2, 49, 11] bf16, bias [2, 49, 49] fp32, mask "
-    "[4, 49, 49], logit scale 4.5-12); backends 'reference' and 'sdpa' on the same inputs: 0.9-1.1x timm's (timm "
-    "keeps the softmax and dS in fp32)")
-KNOWN_DEVIATIONS = {  # (fast class, backend, mode) -> (gradient bound: times timm's error, why)
-    (FastSwinV2WindowAttention, "auto", "bf16-autocast"): (6.0, CPU_BF16_SWINV2),
-}
-
-
-def known_deviation(fast_module: nn.Module, backend: str, mode: str) -> float | None:
-    """The gradient factor a KNOWN_DEVIATIONS entry allows ``fast_module`` (or a module inside it), else None."""
-    classes = {type(m) for m in fast_module.modules()}
-    return max([times for (cls, b, m), (times, _) in KNOWN_DEVIATIONS.items()
-                if cls in classes and b == backend and m == mode], default=None)
-
-
 def rel_error(got: torch.Tensor, want: torch.Tensor, floor: float = 1e-6) -> float:
-    """max |got - want| / max |want|; ``floor`` bounds the denominator from below."""
+    """max |got - want| / max |want|, the denominator at least ``floor``."""
     return ((got - want).abs().max() / want.abs().max().clamp_min(floor)).item()
 
 
-GRAD_FLOOR = 1e-3  # a gradient is compared at >= 1e-3 x its module's largest one: some are zero by symmetry
-# (a k-norm bias shifts every key alike and softmax ignores it), so their values are rounding noise
+def grad_errors(per_probe: list[dict], ref_per_probe: list[dict]) -> dict[str, float]:
+    """{tensor: relative error, the mean over probes}; each probe's floor is GRAD_FLOOR x its largest gradient."""
+    errors = {}
+    for grads, ref in zip(per_probe, ref_per_probe):
+        floor = GRAD_FLOOR * max(g.abs().max().item() for g in ref.values()) + 1e-12
+        for key, want in ref.items():
+            errors[key] = errors.get(key, 0.0) + rel_error(grads[key], want, floor) / len(per_probe)
+    return errors
+
+
+def _errors(got, ref, timm_low, mode: str, grad_times: float
+            ) -> tuple[dict[str, float], list[tuple[str, float, float]]]:
+    """(worst errors, [(tensor, error, bound) beyond the tolerance]); in bf16 a gradient's bound is ``grad_times``
+    x timm's own error + the floor."""
+    (out, grads), (ref_out, ref_grads) = got, ref
+    assert out.shape == ref_out.shape and len(grads) == len(ref_grads)
+    errors_of = grad_errors(grads, ref_grads) if grads else {}
+    errors = {"out": rel_error(out, ref_out), "grad": max(errors_of.values(), default=0.0)}
+    if mode == "fp32":
+        bounds = {"out": TOL["fp32"]["out"], **{k: TOL["fp32"]["grad"] for k in errors_of}}
+    else:
+        (timm_out, timm_grads), tol = timm_low, TOL["bf16"]
+        timm_errors_of = grad_errors(timm_grads, ref_grads) if grads else {}
+        errors.update(timm_out=rel_error(timm_out, ref_out), timm_grad=max(timm_errors_of.values(), default=0.0))
+        bounds = {"out": tol["out_times_timm"] * errors["timm_out"] + tol["floor"],
+                  **{k: grad_times * timm_errors_of[k] + tol["floor"] for k in errors_of}}
+    over = [(k, e, bounds[k]) for k, e in (("out", errors["out"]), *errors_of.items()) if e > bounds[k]]
+    return errors, over
 
 
 def parity(timm_module: nn.Module, fast_modules: dict[str, nn.Module], args: tuple, kwargs: dict, mode: str
@@ -299,41 +363,6 @@ def parity(timm_module: nn.Module, fast_modules: dict[str, nn.Module], args: tup
     return results
 
 
-def _grad_errors(per_probe: list[dict], ref_per_probe: list[dict]) -> dict[str, float]:
-    """{tensor: relative error, the mean over probes}; each probe's floor is GRAD_FLOOR x its largest gradient."""
-    errors = {}
-    for grads, ref in zip(per_probe, ref_per_probe):
-        floor = GRAD_FLOOR * max(g.abs().max().item() for g in ref.values()) + 1e-12
-        for key, want in ref.items():
-            errors[key] = errors.get(key, 0.0) + rel_error(grads[key], want, floor) / len(per_probe)
-    return errors
-
-
-def _errors(got, ref, timm_low, mode: str, grad_times: float
-            ) -> tuple[dict[str, float], list[tuple[str, float, float]]]:
-    """(worst errors, [(tensor, error, bound) beyond the tolerance]); bf16 gradients within ``grad_times`` x
-    timm's error + the floor."""
-    (out, grads), (ref_out, ref_grads) = got, ref
-    assert out.shape == ref_out.shape and len(grads) == len(ref_grads)
-    grad_errors = _grad_errors(grads, ref_grads) if grads else {}
-    errors = {"out": rel_error(out, ref_out), "grad": max(grad_errors.values(), default=0.0)}
-    if mode == "fp32":
-        bounds = {"out": TOL["fp32"]["out"], **{k: TOL["fp32"]["grad"] for k in grad_errors}}
-    else:
-        (timm_out, timm_grads), tol = timm_low, TOL["bf16"]
-        timm_grad_errors = _grad_errors(timm_grads, ref_grads) if grads else {}
-        errors.update(timm_out=rel_error(timm_out, ref_out), timm_grad=max(timm_grad_errors.values(), default=0.0))
-        bounds = {"out": tol["out_times_timm"] * errors["timm_out"] + tol["floor"],
-                  **{k: grad_times * timm_grad_errors[k] + tol["floor"] for k in grad_errors}}
-    over = [(k, e, bounds[k]) for k, e in (("out", errors["out"]), *grad_errors.items()) if e > bounds[k]]
-    return errors, over
-
-
-def _worst(into: dict, errors: dict) -> None:
-    for name, err in errors.items():
-        into[name] = max(into.get(name, 0.0), err)
-
-
 def fingerprint(module: nn.Module) -> str:
     """What decides which code a module runs: its structure, its tensors' shapes and dtypes, the plain attributes
     of it and its children (two modules with one fingerprint differ only in values)."""
@@ -348,28 +377,28 @@ def fingerprint(module: nn.Module) -> str:
 
 
 def _shapes(args: tuple, kwargs: dict) -> str:
-    return repr([(k, tuple(v.shape) if isinstance(v, torch.Tensor) else v) for k, v in (*enumerate(args),
-                                                                                        *kwargs.items())])
+    return repr([(k, tuple(v.shape) if isinstance(v, torch.Tensor) else v)
+                 for k, v in (*enumerate(args), *kwargs.items())])
 
 
-_MODEL_RESULTS: dict[tuple, dict] = {}  # registry rows that shrink to the same model share one comparison
+_MODEL_RESULTS: dict[tuple, dict] = {}  # rows that shrink to the same model (same fingerprint) share one comparison
 
 
 def module_parity(model: nn.Module, images: torch.Tensor, mode: str, backends=None,
                   kinds=("attention", "residual", "linear")) -> dict:
-    """Every module of ``model`` a fast forward covers against timm's, on its input inside ``model``, in ``mode``
-    and each attention backend: {(kind, backend): worst errors}. Modules alike (same fingerprint and input shapes:
-    the blocks of a model) are compared once; so are models alike."""
+    """Every module of ``model`` a fast forward of ``kinds`` covers against timm's, on its input inside ``model``,
+    in ``mode`` and each attention backend: {(kind, backend): worst errors}. Modules alike (one fingerprint and
+    input shapes: a model's blocks) are compared once; so are models alike."""
     backends = backends or BACKENDS[mode]
     key = (fingerprint(model), tuple(images.shape), mode, backends, kinds)
     if key in _MODEL_RESULTS:
         return _MODEL_RESULTS[key]
     results = {}
     for kind in kinds:
-        names = {name for name, _ in swap_forwards(copy.deepcopy(model), _fast_kinds(model)[kind])}
+        names = {name for name, _ in swap_forwards(copy.deepcopy(model), FAST_KINDS[kind])}
         # outermost only: an MLP's fc1 / fc2 are compared as part of it
         originals = [m for n, m in model.named_modules() if n in names and n.rpartition(".")[0] not in names]
-        captured = _captured_inputs(model, images, originals)  # modules called by their parent (not BEiT's qkv)
+        captured = captured_inputs(model, images, originals)
         alike = {}
         for module in originals:
             if id(module) in captured:
@@ -381,150 +410,111 @@ def module_parity(model: nn.Module, images: torch.Tensor, mode: str, backends=No
             fasts = {backend: swap(module, kind, backend) for backend in kind_backends}
             assert all(type(f) is not type(module) and timm_class(type(f)) is type(module) for f in fasts.values())
             for backend, errors in parity(module, fasts, args, kwargs, mode).items():
-                _worst(results.setdefault((kind, backend), {}), errors)
+                worst = results.setdefault((kind, backend), {})
+                for name, err in errors.items():
+                    worst[name] = max(worst.get(name, 0.0), err)
     _MODEL_RESULTS[key] = results
     return results
 
 
-# ---- the tests -----------------------------------------------------------------------------------------------
+def _images(batch: int, size: int, seed: int = 2) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+# ---- teachers --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", TEACHERS)
 def test_teacher_modules_match_timm(name, mode):
-    """Each attention, BEiT block and linear / MLP fdfast swaps into a registry teacher against timm's own."""
-    model, size = _teacher_template(name)
-    images = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(2))
-    module_parity(model, images, mode)
+    """Each attention, BEiT block and linear / MLP fdfast can swap into a teacher against timm's own."""
+    model, size = teacher_template(name)
+    module_parity(model.eval(), _images(1, size), mode)
 
 
 @pytest.mark.parametrize("name", TEACHERS)
 def test_modules_without_a_fast_path_stay_timm(name):
-    """patch_model / pack_linears / fuse_residuals switch only modules their fast forward covers; every other
-    module keeps timm's class (its forward), and the whole teacher computes timm's tokens."""
-    timm_model, size = _teacher_template(name)
-    model = copy.deepcopy(timm_model)
+    """patch_model / pack_linears / fuse_residuals switch only the modules their fast forward covers; every other
+    module keeps timm's class, so its own forward."""
+    model = copy.deepcopy(teacher_template(name)[0])
     before = {n: type(m) for n, m in model.named_modules()}
-    supported = [n for n, m in model.named_modules() if type(m) in FAST_ATTENTION]
-    if supported:
-        patch_model(model, backend="reference")
+    if any(type(m) in FAST_ATTENTION for m in model.modules()):
+        patch_model(model)
     else:  # nothing to patch: a clear error, nothing changed
         with pytest.raises(ValueError, match="no attention module fdfast supports"):
             patch_model(model)
     pack_linears(model)
     fuse_residuals(model)
-    fast_classes = {c for kind in _fast_kinds(model).values() for c in kind}
+    fast_of = {timm_class(c): c for kind in FAST_KINDS.values() for c in kind}
     for n, m in model.named_modules():
-        if type(m) is not before[n]:
-            assert type(m) in fast_classes and timm_class(type(m)) is before[n], n
-            assert not hasattr(type(m), "fits") or type(m).fits(m), n
-        elif any(timm_class(c) is before[n] for c in fast_classes):  # a fast path exists, but not for this one
-            fast = next(c for c in fast_classes if timm_class(c) is before[n])
-            assert hasattr(fast, "fits") and not fast.fits(m), f"{n}: {before[n].__name__} left unswitched"
-    # attention modules of classes fdfast has no forward for (EVA, Swin v1) are untouched
-    for n, m in model.named_modules():
-        if hasattr(m, "num_heads") and isinstance(getattr(m, "attn_drop", None), nn.Module):
-            assert (type(m) in FAST_ATTENTION.values()) == (before[n] in FAST_ATTENTION), n
-    images = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        tokens, ref = _tokens(model, images), _tokens(timm_model, images)
-    assert rel_error(tokens, ref) < TOL["fp32"]["out"]
+        fast = fast_of.get(before[n])
+        if fast is None:  # no fast path for this class (EVA's and Swin v1's attention, LayerScale, ...)
+            assert type(m) is before[n], n
+        else:  # switched exactly when its fast forward covers it (a QuickGELU MLP does not)
+            assert type(m) is (fast if getattr(fast, "fits", lambda _: True)(m) else before[n]), n
 
 
-def _tokens(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    from fdfast.models import tokens
-    return tokens.final_tokens(model, images)
+@pytest.mark.parametrize("mode", ["fp32", "bf16-inference"])
+@pytest.mark.parametrize("name", TEACHERS)
+def test_teacher_as_fdfast_runs_it_matches_timm(name, mode):
+    """The whole teacher as ``fdfast train`` runs it (its timm attention patched, backend auto; linears packed):
+    the target tokens against timm's."""
+    timm_model, size = teacher_template(name)
+    timm_model = copy.deepcopy(timm_model).requires_grad_(False)  # frozen, as in training: no gradients
+    key = ("teacher", fingerprint(timm_model), size, mode)
+    if key not in _MODEL_RESULTS:
+        fast = copy.deepcopy(timm_model)
+        if any(type(m) in FAST_ATTENTION for m in fast.modules()):
+            patch_model(fast)
+        pack_linears(fast)
+        _MODEL_RESULTS[key] = parity(Tokens(timm_model), {"auto": Tokens(fast)}, (), {"images": _images(1, size)},
+                                     mode)
 
+
+# ---- students --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", MODES[:2])
 @pytest.mark.parametrize("name", list(STUDENTS))
 def test_student_matches_timm(name, mode):
-    """The student as fdfast trains it (build_student(fast=True)) against timm's (fast=False), whole model in
-    train mode with drop path 0.3 on the same seed: tokens and every gradient, each attention backend; and
-    module by module."""
+    """The student as fdfast trains it (build_student(fast=True)) against timm's (fast=False): the whole model in
+    train mode with drop path on one seed, tokens and every parameter's gradient, each backend; then module by
+    module."""
     cfg = STUDENTS[name]
     torch.manual_seed(0)
     timm_model = randomised(build_student(cfg)).train()
     fast_model = build_student(cfg, fast=True).train()
     fast_model.load_state_dict(timm_model.state_dict(), strict=True)
-    size = cfg.img_size
-    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
-    fasts = {b: _Tokens(patch_model(copy.deepcopy(fast_model), backend=b)) for b in BACKENDS[mode]}
-    parity(_Tokens(timm_model), fasts, (), {"images": images}, mode)
+    images = _images(2, cfg.img_size)
+    fasts = {b: Tokens(patch_model(copy.deepcopy(fast_model), backend=b)) for b in BACKENDS[mode]}
+    parity(Tokens(timm_model), fasts, (), {"images": images}, mode)
     module_parity(timm_model.eval(), images, mode, kinds=("attention", "residual"))  # what fast=True swaps
 
 
-class _Tokens(nn.Module):
-    """A model's final tokens as its forward, drawing drop path masks from a fixed seed on every call."""
+def test_drop_path_masks_follow_the_seed():
+    """fuse_residuals draws timm's masks: the same seed gives timm's output, another seed another one."""
+    torch.manual_seed(0)
+    timm_model = randomised(build_student(STUDENTS["shared-rpb"])).train()
+    fused = copy.deepcopy(timm_model)
+    assert fuse_residuals(fused) == 2
+    out = {}
+    for key, model, seed in (("timm", timm_model, 5), ("fused", fused, 5), ("other", fused, 6)):
+        torch.manual_seed(seed)
+        out[key] = model.forward_features(_images(2, 224))
+    assert rel_error(out["fused"], out["timm"]) < TOL["fp32"]["out"]
+    assert rel_error(out["other"], out["timm"]) > 1e-2  # drop path is on: the masks matter
 
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
 
-    def forward(self, images):
-        torch.manual_seed(7)
-        return _tokens(self.model, images)
-
+# ---- Triton, timm options --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", TRITON_CASES)
 def test_triton_interpreter_matches_timm(name):
     """backend="triton" (the CUDA kernel, here through the interpreter) against timm's attention, fp32."""
     if name in STUDENTS:
         torch.manual_seed(0)
-        model, size = randomised(build_student(STUDENTS[name])).eval(), STUDENTS[name].img_size
+        model, size = randomised(build_student(STUDENTS[name])), STUDENTS[name].img_size
     else:
-        model, size = _teacher_template(name)
-    images = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(2))
-    results = module_parity(model, images, "fp32", backends=("triton",))
+        model, size = teacher_template(name)
+    results = module_parity(model.eval(), _images(1, size), "fp32", backends=("triton",))
     assert ("attention", "triton") in results
-
-
-def test_drop_path_masks_follow_the_seed():
-    """fuse_residuals draws timm's masks: the same seed gives timm's output exactly, another seed another one."""
-    torch.manual_seed(0)
-    timm_model = randomised(build_student(STUDENTS["shared-rpb"])).train()
-    fused = copy.deepcopy(timm_model)
-    assert fuse_residuals(fused) == 2
-    images = torch.randn(2, 3, 224, 224)
-    out = {}
-    for key, model, seed in (("timm", timm_model, 5), ("fused", fused, 5), ("other", fused, 6)):
-        torch.manual_seed(seed)
-        out[key] = model.forward_features(images)
-    assert rel_error(out["fused"], out["timm"]) < TOL["fp32"]["out"]
-    assert rel_error(out["other"], out["timm"]) > 1e-2  # drop path is on: the masks matter
-
-
-# timm modules built directly: options only a user's own model reaches (patch_model is public API)
-def _beit_attention(**kw):
-    from timm.models.beit import Attention
-    return Attention(33, num_heads=3, qkv_bias=True, window_size=(4, 4), **kw)
-
-
-def _vit_attention(**kw):
-    from timm.layers.attention import Attention
-    return Attention(33, num_heads=3, qkv_bias=True, **kw)
-
-
-def _swinv2_attention(**kw):
-    from timm.models.swin_transformer_v2 import WindowAttention
-    return WindowAttention(22, window_size=(7, 7), num_heads=2, **kw)
-
-
-MODULES = {  # name: (module, inputs (args, kwargs))
-    "beit-qkv-bias-separate": (lambda: _beit_attention(qkv_bias_separate=True),
-                               lambda g: ((torch.randn(3, 17, 33, generator=g),), {})),
-    "beit-shared-plus-own-table": (lambda: _beit_attention(),
-                                   lambda g: ((torch.randn(1, 17, 33, generator=g),),
-                                              {"shared_rel_pos_bias": torch.randn(3, 17, 17, generator=g)})),
-    "vit-gated": (lambda: _vit_attention(gated=True), lambda g: ((torch.randn(2, 197, 33, generator=g),), {})),
-    "vit-head-dim-20": (lambda: _vit_attention(attn_head_dim=20),
-                        lambda g: ((torch.randn(1, 65, 33, generator=g),), {})),
-    "swinv2-qkv-bias-separate": (lambda: _swinv2_attention(qkv_bias_separate=True),
-                                 lambda g: ((torch.randn(4, 49, 22, generator=g),), {})),
-    "swinv2-pretrained-window-masked": (
-        lambda: _swinv2_attention(pretrained_window_size=(4, 4)),
-        lambda g: ((torch.randn(8, 49, 22, generator=g),),
-                   {"mask": torch.where(torch.rand(4, 49, 49, generator=g) < 0.3, -100.0, 0.0)})),
-}
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -539,28 +529,24 @@ def test_timm_attention_options_match_timm(name, mode):
 
 # ---- known deviations, pinned ----------------------------------------------------------------------------------
 
-SEEDS = range(6)  # one seed's bf16 error of a cancelling reduction is a noisy sample: compare means
-
-
 @pytest.mark.parametrize("backend", [
     "sdpa", "reference",
     pytest.param("auto", marks=pytest.mark.xfail(strict=True, reason=CPU_BF16_SWINV2))])
 def test_known_deviations_are_real(backend):
-    """SwinV2's logit-scale and CPB-MLP gradients in bf16 (both window attentions of the student: plain and
-    shifted), error relative to timm's own bf16 error, averaged over seeds: at most 1.5x (sampling noise)."""
-    keys = ("logit_scale", "cpb_mlp.2.weight")
+    """SwinV2's logit-scale and CPB-MLP gradients in bf16 (the student's plain and shifted windows), error over
+    timm's own bf16 error, averaged over 6 seeds: at most 1.5x (one seed's ratio is a noisy sample)."""
+    keys, probes = ("logit_scale", "cpb_mlp.2.weight"), PROBES["bf16-autocast"]
     ratios = {(block, key): [] for block in (0, 1) for key in keys}
-    for seed in SEEDS:
+    for seed in range(6):
         torch.manual_seed(seed)
         model = randomised(build_student(STUDENTS["swinv2"]), seed=seed).eval()
-        images = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(100 + seed))
+        images = _images(2, 56, seed=100 + seed)
         for block in (0, 1):
             attn = model.layers[0].blocks[block].attn
-            args, kwargs = _captured_inputs(model, images, [attn])[id(attn)]
-            probes = PROBES["bf16-autocast"]
+            args, kwargs = captured_inputs(model, images, [attn])[id(attn)]
             ref = run(attn, args, kwargs, "fp32", probes)[1]
-            timm_errors = _grad_errors(run(attn, args, kwargs, "bf16-autocast", probes)[1], ref)
-            errors = _grad_errors(run(swap(attn, "attention", backend), args, kwargs, "bf16-autocast", probes)[1], ref)
+            timm_errors = grad_errors(run(attn, args, kwargs, "bf16-autocast", probes)[1], ref)
+            errors = grad_errors(run(swap(attn, "attention", backend), args, kwargs, "bf16-autocast", probes)[1], ref)
             for key in keys:
                 ratios[block, key].append(errors[key] / timm_errors[key])
     means = {k: sum(v) / len(v) for k, v in ratios.items()}
