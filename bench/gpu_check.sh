@@ -110,7 +110,7 @@ for pkg in timm pytest_timeout; do  # carried wheels (--prepare) for what the im
     fi
   fi
 done
-has timm missing && [ ! -d "$WORK/site" ] && stop "timm is missing: the tests' conftest imports it (run --prepare here)"
+$PY -c "import timm" > /dev/null 2>&1 || stop "timm is missing: the tests' conftest imports it (run --prepare here)"
 [ $MODE = dry ] && ! has timm ok && { log "dry run: timm is below fdfast's floor $(floor timm)"; FAILED=1; }
 if ! $PY -c "import fdfast.kernels" > /dev/null 2>&1; then  # a bare tree: map fdfast.kernels onto ./kernels
   export PYTHONPATH="$ROOT:$ROOT/bench/_shim${PYTHONPATH:+:$PYTHONPATH}"
