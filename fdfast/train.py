@@ -149,7 +149,8 @@ def _fit(run, run_dir: RunDir, on_step, stop: signals.StopRequest) -> dict:
     if out is not None and run.start is not None:
         run.start(out)
     if info.is_main and out is not None:  # printed once the run really starts, so a refused start stays one line
-        print(f"{run.command}: precision {run.rt.precision['precision']} ({run.rt.precision['why']})", file=sys.stderr)
+        print(f"{run.command}: precision {run.rt.precision['precision']} ({run.rt.precision['why']}); "
+              f"{run.batch_line()}", file=sys.stderr)
     metrics = MetricsLog(out, start, cfg.runtime.tensorboard, info.is_main)
     progress = Progress(run.command.split()[-1], run.total_steps, start, info.is_main and cfg.runtime.progress)
     run.task.train()
