@@ -213,6 +213,10 @@ def _gpu_test_work(core: bool):
             fd_loss_call(*fd_tests.FD_GPU_AUTOCAST_SHAPE, torch.float32, torch.bfloat16, kind=kind, autocast=True)
         for shape, dtype in attn_tests.ATTN_GPU_FORWARD_CASES:
             attention_call(*shape, dtype, bias_grad=False, backward=False)
+        # tests/test_patch_model.py's GPU test: tiny BEiT (17 tokens) and SwinV2 (4 x 4 windows, head dim 8)
+        # forwards under bf16 autocast, their bias tables fp32 (the plain ViT has no bias: SDPA)
+        attention_call(4, 2, 17, 16, 0, torch.bfloat16, bias_dtype=torch.float32, bias_grad=False, backward=False)
+        attention_call(16, 2, 16, 8, 4, torch.bfloat16, bias_dtype=torch.float32, bias_grad=False, backward=False)
 
 
 def bench_loss_work():
