@@ -19,6 +19,13 @@ import yaml
 
 from fdfast.errors import FDFastError
 
+# Choices defined once: config fields use these, and the modules that act on them read the same values
+# (typing.get_args), so a new choice is one edit.
+Loader = Literal["auto", "dali", "torch", "synthetic"]  # fdfast.data.resolve_loader
+PosBias = Literal["shared", "per_block", "abs"]  # fdfast.models.student
+Precision = Literal["auto", "fp32", "bf16", "fp16"]  # fdfast.runtime.PRECISIONS (+ auto)
+Malloc = Literal["auto", "default"]  # fdfast.hostmem
+
 RECIPE_DIR = Path(__file__).parent / "recipes"
 FINETUNE_PREFIX = "ft_"  # recipes/ft_*.yaml are fine-tuning recipes (fdfast finetune); the others are FD recipes
 
@@ -31,7 +38,7 @@ class ModelConfig:
     patch_size: int = 16
     img_size: int = 224
     drop_path: float = 0.1  # max of the linear ramp over depth
-    pos_bias: Literal["shared", "per_block", "abs"] = "shared"  # the paper's ablation; shared is FD's
+    pos_bias: PosBias = "shared"  # the paper's ablation; shared is FD's
     attention: Literal["auto", "triton", "sdpa", "reference"] = "auto"  # rpb attention backend
     kwargs: dict = field(default_factory=dict)  # extra timm model kwargs
 
@@ -49,7 +56,7 @@ class TeacherConfig:
 @dataclass
 class DataConfig:
     path: str | None = None  # image folder (class subfolders or flat) or file list; None: the demo images
-    loader: Literal["auto", "dali", "torch", "synthetic"] = "auto"
+    loader: Loader = "auto"
     batch_size: int = 32  # per device, per micro-step
     num_workers: int = 2
     scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
@@ -111,8 +118,8 @@ class DistConfig:
 @dataclass
 class RuntimeConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA / CPUs with native bf16
-    malloc: Literal["auto", "default"] = "auto"  # auto: glibc keeps freed memory on CPU runs (fdfast.hostmem)
+    precision: Precision = "auto"  # auto: bf16 on CUDA / CPUs with native bf16
+    malloc: Malloc = "auto"  # auto: glibc keeps freed memory on CPU runs (fdfast.hostmem)
     seed: int = 0
     log_every: int = 10
     progress: bool = True

@@ -27,13 +27,16 @@ import ctypes
 import functools
 import os
 import platform
+import typing
 
 import torch
+
+from fdfast.config import Malloc
 
 MMAP_THRESHOLD = 32 << 20  # glibc's largest on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX)
 TRIM_THRESHOLD = 1 << 30
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameter numbers (malloc.h)
-SETTINGS = ("auto", "default")
+SETTINGS = typing.get_args(Malloc)  # runtime.malloc's choices (fdfast.config)
 
 
 @functools.lru_cache(maxsize=1)

@@ -19,7 +19,8 @@ from fdfast import distributed, hostmem
 from fdfast.distributed import DistInfo
 from fdfast.errors import FDFastError
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # runtime.precision -> autocast dtype
+# runtime.precision (fdfast.config.Precision, but auto) -> autocast dtype
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SEED_MIX = 1_000_003  # a prime that mixes a second number (rank, epoch, data seed) into a seed
 
 

@@ -87,3 +87,14 @@ def test_recipe_builds_its_student_and_names_a_known_teacher(name):
     assert params > 5e6
     if name == "swinv2_g":
         assert 2.9e9 < params < 3.1e9
+
+
+def test_each_choice_list_has_one_definition():
+    """The config's Literal choices and the values the modules acting on them accept are the same objects."""
+    import typing
+
+    from fdfast import config, hostmem
+    from fdfast.data import LOADERS
+    from fdfast.runtime import PRECISIONS
+    assert LOADERS == typing.get_args(config.Loader) and hostmem.SETTINGS == typing.get_args(config.Malloc)
+    assert set(PRECISIONS) | {"auto"} == set(typing.get_args(config.Precision))

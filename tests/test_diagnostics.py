@@ -437,3 +437,18 @@ def _demo_like_images(tmp_path: Path) -> Path:
         pixels = (torch.rand(30, 36, 3, generator=g) * 255).to(torch.uint8).numpy()
         Image.fromarray(pixels).save(folder / f"{i}.jpg")
     return tmp_path / "images"
+
+
+def test_a_timm_model_folder_is_a_model_under_test(tmp_path):
+    """`fdfast diagnose local-dir:DIR` looks at the model the folder holds (timm's save_for_hf layout)."""
+    import timm
+    from timm.models import save_for_hf
+    from fdfast.diagnostics.inputs import load_model_under_test
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=0).eval()
+    save_for_hf(model, str(tmp_path / "folder"))
+    mut = load_model_under_test(f"local-dir:{tmp_path / 'folder'}", 32)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(mut.model.forward_features(x), model.forward_features(x), rtol=1e-5, atol=1e-5)
+    assert mut.image_size[0] == 32

@@ -14,19 +14,22 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import typing
 
 from fdfast.data.base import FDLoader, check_augmentation, write_summary
 from fdfast.data.files import EpochOrder, list_images
 from fdfast.data.shards import ShardOrder, list_shards, shard_paths
 from fdfast.data.sources import DEFAULT_SOURCE, register_source, source_dir, source_names, source_rows
+from fdfast.config import Loader
 from fdfast.errors import FDFastError
+from fdfast.runtime import mix_seed
 
 __all__ = ["build_fd_loader", "build_labeled_loader", "write_summary", "resolve_loader", "list_images",
            "list_shards", "shard_paths", "FDLoader", "DEFAULT_SOURCE", "register_source", "source_dir",
            "source_names", "source_rows"]
 
 log = logging.getLogger("fdfast.data")
-LOADERS = ("auto", "dali", "torch", "synthetic")
+LOADERS = typing.get_args(Loader)  # data.loader's choices (fdfast.config)
 SYNTHETIC_IMAGES = 1_000_000  # "files" of the synthetic loader's epoch (only the epoch length depends on it)
 
 
@@ -56,7 +59,7 @@ def _build(data_cfg, *, image_size, mean, std, batch_size, device, rank, world_s
     kind = resolve_loader(data_cfg.loader)
     check_augmentation(image_size, mean, std, data_cfg.scale, data_cfg.ratio, data_cfg.hflip)
     # data.seed and the run's seed both move the order; numpy seeds must be >= 0
-    order_seed = (int(data_cfg.seed) * 1_000_003 + int(seed)) % 2**63
+    order_seed = mix_seed(data_cfg.seed, seed)
     if kind == "synthetic":
         order = EpochOrder(SYNTHETIC_IMAGES, batch_size, seed=order_seed, rank=rank, world_size=world_size)
         from fdfast.data.synthetic import SyntheticFDLoader

@@ -5,6 +5,7 @@ import torch
 
 from fdfast.data.base import FDLoader
 from fdfast.data.files import EpochOrder
+from fdfast.runtime import mix_seed
 
 POOL = 4  # distinct batches cycled through (making fresh noise every step would cost real time)
 
@@ -15,7 +16,7 @@ class SyntheticFDLoader(FDLoader):
     def __init__(self, order: EpochOrder, *, image_size: int, device: str = "cpu", num_classes: int = 10,
                  labeled: bool = False, train: bool = True):
         super().__init__(None, order, labeled=labeled, train=train)
-        g = torch.Generator().manual_seed(order.seed * 1_000_003 + order.rank)
+        g = torch.Generator().manual_seed(mix_seed(order.seed, order.rank))
         shape = (POOL, order.batch_size, 3, image_size, image_size)
         # Normalised images are roughly standard normal: [POOL, B, 3, S, S]
         self.pool = torch.randn(shape, generator=g).to(device)

@@ -81,21 +81,20 @@ def _load_student(path: Path) -> nn.Module:
 
 
 def load_model_under_test(spec: str, image_size: int | None = None, device: str = "cpu") -> ModelUnderTest:
-    """MODEL argument -> ModelUnderTest. ``teacher:NAME[@WEIGHTS]`` builds a registry / timm teacher."""
-    if spec.startswith("teacher:"):
-        name, _, weights = spec[len("teacher:"):].partition("@")
-        if not name:
-            raise FDFastError("teacher:NAME needs a name, e.g. teacher:demo-dinov2-s14 (see `fdfast teachers`)")
-        from fdfast.models.teachers import build_teacher
-        teacher = build_teacher(name, weights=weights or None, img_size=image_size)
+    """MODEL argument -> ModelUnderTest. ``teacher:NAME[@WEIGHTS]`` builds a registry / timm teacher, a timm model
+    folder (``local-dir:DIR``, ``hf-hub:ORG/NAME``) the model it holds."""
+    from fdfast.models.teachers import MODEL_FOLDERS, TEACHER_SPEC, build_teacher, parse_teacher_spec
+    if spec.startswith((TEACHER_SPEC, *MODEL_FOLDERS)):  # a registry / timm teacher, or a timm model folder
+        name, weights = parse_teacher_spec(spec) if spec.startswith(TEACHER_SPEC) else (spec, None)
+        teacher = build_teacher(name, weights=weights, img_size=image_size)
         model = timm_model(teacher).to(device).eval()
         mean, std = getattr(teacher, "mean", IMAGENET_MEAN), getattr(teacher, "std", IMAGENET_STD)
         return ModelUnderTest(label=f"teacher {name}", model=model, image_size=model_image_size(model),
                               mean=tuple(mean), std=tuple(std), source=spec)
     path = Path(spec)
     if not path.exists():
-        raise FDFastError(f"MODEL {spec!r} is neither an existing run directory / checkpoint / exported file "
-                          "nor teacher:NAME[@WEIGHTS]")
+        raise FDFastError(f"MODEL {spec!r} is neither an existing run directory / checkpoint / exported file, "
+                          "teacher:NAME[@WEIGHTS], nor a timm model folder (local-dir:DIR, hf-hub:ORG/NAME)")
     model = _load_student(path).to(device).eval()
     run_cfg = find_run_config(path) or {}
     teacher = run_cfg.get("teacher") if isinstance(run_cfg.get("teacher"), dict) else None

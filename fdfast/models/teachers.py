@@ -374,6 +374,18 @@ def _open_clip_weights(model_name: str, tag: str) -> dict:
                           f"(open_clip_model.safetensors / open_clip_pytorch_model.bin, or OpenAI's .pt)") from None
 
 
+TEACHER_SPEC = "teacher:"  # a MODEL argument naming a teacher: teacher:NAME[@WEIGHTS]
+
+
+def parse_teacher_spec(spec: str) -> tuple[str, str | None]:
+    """``teacher:NAME[@WEIGHTS]`` (a MODEL argument of finetune / knn / linprobe / diagnose) -> (NAME, WEIGHTS or
+    None); one FDFastError when NAME is empty."""
+    name, _, weights = spec[len(TEACHER_SPEC):].partition("@")
+    if not name:
+        raise FDFastError("teacher:NAME needs a name, e.g. teacher:demo-dinov2-s14 (see `fdfast teachers`)")
+    return name, weights or None
+
+
 def get_entry(name: str) -> TeacherEntry:
     """The registry entry of ``name``; ``open_clip:MODEL[:TAG]``, timm model folders (``local-dir:DIR``,
     ``hf-hub:ORG/NAME``) and any other timm model name get an entry too."""
