@@ -40,11 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fdfast.signals import sigterm_interrupts
+    from fdfast.signals import raise_swallowed, startup_interrupts
     command = "fdfast"
     try:
-        with sigterm_interrupts():  # SIGTERM from here on, imports included: exit 130 and one line, as Ctrl-C
+        with startup_interrupts():  # SIGTERM from here on, imports included: exit 130 and one line, as Ctrl-C
             parser = build_parser()
+            raise_swallowed()
             args = parser.parse_args(argv)
             if not getattr(args, "func", None):
                 parser.print_help()

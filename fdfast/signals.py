@@ -13,7 +13,7 @@ every process of the job's process group, not only the main one. So:
 - a second signal aborts at once (KeyboardInterrupt), unless it repeats the first within REPEAT_WINDOW_S:
   that is one stop delivered twice (the group signal plus a launcher forwarding it to each rank);
 - before the first step (imports, teacher conversion, loader start, building the run: `StopRequest`'s set-up
-  phase and the CLI's `sigterm_interrupts`) a signal ends the process at once, as KeyboardInterrupt: exit 130,
+  phase and the CLI's `startup_interrupts`) a signal ends the process at once, as KeyboardInterrupt: exit 130,
   one line; everything set-up writes is atomic, so nothing is left that a resume would trust.
 """
 from __future__ import annotations
@@ -104,6 +104,7 @@ class StopRequest:
         self.signum: int | None = None
         self.received_at = 0.0  # time.monotonic() of the first signal
         self.previous = {}
+        raise_swallowed()
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 self.previous[sig] = signal.signal(sig, self._handle)
@@ -116,8 +117,14 @@ class StopRequest:
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum is not None else "another rank's signal"
 
+    def check_setup(self) -> None:
+        """A set-up signal whose KeyboardInterrupt some library swallowed (a bare ``except:``) ends the run here."""
+        if self.phase == "setup" and self.signum is not None:
+            raise KeyboardInterrupt(_setup_message(self.signum))
+
     def begin_steps(self) -> None:
-        """Set-up is over: from now on a signal stops the run after a step."""
+        """Set-up is over (checked once more): from now on a signal stops the run after a step."""
+        self.check_setup()
         self.phase = "steps"
 
     def finishing(self) -> None:
@@ -127,8 +134,8 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         now, name = time.monotonic(), signal.Signals(signum).name
         if self.phase == "setup":
-            raise KeyboardInterrupt(f"stopped by {name} during set-up, before the first step; nothing new was "
-                                    f"committed")
+            self.signum = self.signum or signum  # kept, in case the exception is swallowed (begin_steps)
+            raise KeyboardInterrupt(_setup_message(signum))
         if self.signum is None:
             self.signum, self.received_at = signum, now
             then = "writing the final files first" if self.phase == "final" else "stopping after this step"
@@ -154,20 +161,41 @@ class StopRequest:
         self.restore()
 
 
+def _setup_message(signum: int) -> str:
+    return (f"stopped by {signal.Signals(signum).name} during set-up, before the first step; nothing new was "
+            f"committed")
+
+
+_SWALLOWED: list[int] = []  # start-up signals (startup_interrupts) whose KeyboardInterrupt may not have arrived
+
+
 def _interrupt_at_once(signum, frame) -> None:
+    _SWALLOWED.append(signum)  # cleared once the exception is handled (startup_interrupts)
     raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name} during start-up; nothing was written")
 
 
+def raise_swallowed() -> None:
+    """Raise again a start-up signal's KeyboardInterrupt that an import swallowed (some libraries import optional
+    parts under a bare ``except:``): called where a run starts, so such a signal still ends it before any work."""
+    if _SWALLOWED:
+        signum = _SWALLOWED[0]
+        _SWALLOWED.clear()
+        raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name} during start-up; nothing was written")
+
+
 @contextlib.contextmanager
-def sigterm_interrupts():
-    """The command line's setting while it runs: SIGTERM ends the process as Ctrl-C does (KeyboardInterrupt, which
-    the CLI turns into one line and exit 130) wherever no run's StopRequest has taken over, from the slow imports
-    on; the previous handler is put back on exit (the CLI's ``main`` may be called in a test process)."""
+def startup_interrupts():
+    """The command line's setting while it runs: SIGTERM ends the process as Ctrl-C does, and both are noted
+    (KeyboardInterrupt, which the CLI turns into one line and exit 130; ``raise_swallowed`` if an import lost it)
+    wherever no run's StopRequest has taken over, from the slow imports on; the previous handlers are put back on
+    exit (the CLI's ``main`` may be called in a test process)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _interrupt_at_once)
+    previous = {sig: signal.signal(sig, _interrupt_at_once) for sig in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _SWALLOWED.clear()

@@ -144,6 +144,7 @@ def _fit(run, run_dir: RunDir, on_step, stop: signals.StopRequest) -> dict:
     start = 0
     if run_dir.resume_from is not None:
         start = _load(checkpointer, run, run_dir.resume_from)
+    stop.check_setup()  # nothing is written before this point
     run_dir.open(cfg.to_yaml())
     checkpointer.set_branch(run_dir.branch)
     if out is not None and run.start is not None:
@@ -157,7 +158,7 @@ def _fit(run, run_dir: RunDir, on_step, stop: signals.StopRequest) -> dict:
     t_run = t_log = time.perf_counter()
     images, diverged, skipped, loss_sum, loss_n, last_loss = 0, 0, 0, 0.0, 0, None
     done = saved = start
-    r, failing = None, True
+    r = None
     stop.begin_steps()  # from here a signal stops after a step, which is committed
     try:
         for step in range(start + 1, run.total_steps + 1):
@@ -198,11 +199,11 @@ def _fit(run, run_dir: RunDir, on_step, stop: signals.StopRequest) -> dict:
                 metrics.sync()  # the rows this checkpoint covers are on disk before it is
                 checkpointer.save(step, run, _loop_state(run), run.meta)
                 saved = step
-        failing = False
     finally:
-        # commit a DCP save still being written (after a stop or an error, too); an error while closing is
-        # reported only when nothing else is
-        _close_all(failing, checkpointer.wait, progress.close, metrics.close)
+        try:
+            checkpointer.wait()  # commit a DCP save still being written (after a stop or an error, too)
+        finally:  # an error while closing is raised only when no other one is on its way
+            _close_all(sys.exc_info()[1] is not None, progress.close, metrics.close)
 
     stop.finishing()  # the last step is done: a signal now lets the final files be written
     if out is not None:

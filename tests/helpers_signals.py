@@ -7,12 +7,20 @@
 
 start_new_session=True makes the child the leader of a new session and process group (its pgid is its
 pid), so os.killpg reaches it and everything it forks, and nothing of the test process itself.
+
+    argv = pause_swaps_argv([sys.executable, "-m", "fdfast", "train", ...], flags, pause_s=30)
+
+runs the same command through this file, which pauses the process inside every folder swap of
+``fdfast.io.publish_dir`` (after the old copy went aside: FLAGS/swap-1; after the new one went in, the old one not
+yet removed: FLAGS/swap-2), so that a test can signal it exactly there. Only the timing changes: the renames are
+fdfast's own.
 """
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -116,3 +124,39 @@ def metrics_lines(out_dir: str | Path) -> int:
         return len((Path(out_dir) / "metrics.jsonl").read_text().splitlines())
     except OSError:
         return 0
+
+
+# ----------------------------------------------------------------------------- pausing inside a folder swap
+def pause_swaps_argv(argv: list[str], flags: str | Path, pause_s: float) -> list[str]:
+    """``argv`` (``python -m fdfast ...``) run through this file's pause-swaps mode."""
+    assert argv[1:3] == ["-m", "fdfast"], argv
+    return [argv[0], str(Path(__file__).resolve()), "pause-swaps", str(flags), str(pause_s), "--", *argv[3:]]
+
+
+def _pause_swaps(flags: Path, pause_s: float) -> None:
+    """Wrap os.rename: after each rename that makes a swap's state (an aside copy beside its final folder), write
+    the next FLAGS/swap-N and sleep ``pause_s`` seconds (signals are handled meanwhile, as anywhere)."""
+    real, count = os.rename, [0]
+
+    def rename(src, dst, *a, **k):
+        real(src, dst, *a, **k)
+        dst = Path(dst)
+        aside = dst if dst.name.endswith(".replaced") else dst.with_name(f".{dst.name}.replaced")
+        if aside.exists():
+            count[0] += 1
+            flags.mkdir(parents=True, exist_ok=True)
+            (flags / f"swap-{count[0]}").touch()
+            time.sleep(pause_s)
+    os.rename = rename
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["pause-swaps"]:
+    import runpy
+    _, _, flag_dir, pause, sep, *rest = sys.argv
+    assert sep == "--"
+    if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+        sys.path.pop(0)  # this folder, put first by `python FILE`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the fdfast of this checkout, as `python -m` does
+    _pause_swaps(Path(flag_dir), float(pause))
+    sys.argv = ["fdfast", *rest]
+    runpy.run_module("fdfast", run_name="__main__", alter_sys=True)

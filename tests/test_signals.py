@@ -228,6 +228,40 @@ def test_a_signal_during_set_up_exits_130_in_one_line_and_writes_nothing(tmp_pat
     assert all(after[p] == before[p] for p in before if p.name != ".lock")
 
 
+def test_a_signal_while_a_finetune_is_set_up_exits_130_and_restores_the_handlers(tmp_path, monkeypatch):
+    from fdfast.finetune import finetune, model
+    from test_finetune import _cfg, _colour_set
+    data = tmp_path / "data"
+    _colour_set(data / "train")
+    _colour_set(data / "val", per_class=2, seed=1)
+    monkeypatch.setattr(model, "build_classifier", _raise_first(signal.SIGTERM, model.build_classifier))
+    handlers = {s: signal.getsignal(s) for s in signals.STOP_SIGNALS}
+    with pytest.raises(KeyboardInterrupt, match="stopped by SIGTERM during set-up, before the first step"):
+        finetune(_cfg(data), "vit_tiny_patch16_224", tmp_path / "ft")
+    assert {s: signal.getsignal(s) for s in signals.STOP_SIGNALS} == handlers and not (tmp_path / "ft").exists()
+
+
+def test_a_signal_a_library_swallowed_still_ends_the_run_before_its_first_step():
+    """Some libraries import optional parts under a bare ``except:``: a start-up or set-up signal's KeyboardInterrupt
+    raised inside one is lost, so it is noted and raised again where the run starts and before its first step."""
+    def swallowed():
+        try:
+            signal.raise_signal(signal.SIGTERM)
+        except BaseException:  # noqa: BLE001 - what such a library does
+            pass
+    with signals.startup_interrupts():
+        swallowed()
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM during start-up"):
+            signals.StopRequest("test", announce=False, phase="setup")
+    with signals.StopRequest("test", announce=False, phase="setup") as stop:
+        swallowed()
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM during set-up, before the first step"):
+            stop.begin_steps()
+        stop.phase, stop.signum = "steps", None
+        swallowed()  # in the steps phase a signal is a request, never an exception
+        assert stop.requested
+
+
 def test_a_group_sigterm_during_start_up_exits_130_in_one_line(tmp_path, teacher_file, image_dir):
     """The first second of `fdfast train` (imports, parsing): the command line's SIGTERM handler ends it as Ctrl-C."""
     out = tmp_path / "run"

@@ -278,7 +278,16 @@ def test_a_full_disk_in_finetuning_is_one_line_and_resumes_exactly(tmp_path, ft_
         assert_nothing_incomplete(out)
         monkeypatch.undo()
         ballast[0].unlink()
+        capsys.readouterr()
         assert main(ft_args(ft_inputs, out, "--resume", "auto")) == 0
+        resumed = json.loads((out / "summary.json").read_text())["resumed_from"]
+        if newest:  # the resume names its checkpoint, on stderr and in summary.json
+            assert f"fdfast finetune: resuming from {out / 'checkpoints' / newest} (step 6, branch 0)" in \
+                capsys.readouterr().err
+            assert resumed == {"path": str(out / "checkpoints" / newest), "step": 6, "branch": 0,
+                               "continues_as_branch": 0, "abandoned": None}
+        else:
+            assert resumed is None
         assert same_tensors(out / "model.safetensors", ref / "model.safetensors")
         assert same_tensors(out / "best.safetensors", ref / "best.safetensors")
         assert_nothing_incomplete(out)
