@@ -117,14 +117,15 @@ def build_distiller(cfg, device: torch.device, amp_dtype: torch.dtype | None, *,
     """
     from fdfast.attention import FAST_ATTENTION, patch_model
     from fdfast.distill import FeatureDistiller, teacher_from_config  # imports the Triton kernels: only here
-    from fdfast.fastpath import fuse_residuals, pack_linears
+    from fdfast.fastpath import pack_linears
     from fdfast.models.student import build_student
 
     with torch.device(device) if device.type == "meta" else contextlib.nullcontext():
         teacher = teacher_from_config(cfg, weights)  # loss.target=embedding keeps its head; teacher.drop_path
-        student = build_student(cfg.model)
-    patch_model(student, backend="sdpa" if planning else cfg.model.attention)
-    fuse_residuals(student)  # layer scale + drop path + residual add as one op per branch (same math, same RNG)
+        # fdfast's attention and fused residual blocks (layer scale + drop path + add as one op, same math and RNG)
+        student = build_student(cfg.model, fast=True)
+    if planning:
+        patch_model(student, backend="sdpa")
     if any(type(m) in FAST_ATTENTION for m in teacher.modules()):  # the teacher's timm attention, when fdfast has it
         patch_model(teacher, backend="sdpa" if planning else "auto")
     if device.type == "cpu":  # the frozen teacher's bf16 linears on weights packed once (F.linear where that can't run)

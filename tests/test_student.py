@@ -5,7 +5,8 @@ from timm.models.beit import Beit
 
 from fdfast.config import ModelConfig
 from fdfast.errors import FDFastError
-from fdfast.models.student import build_student, build_vit_student, student_grid, student_tokens
+from fdfast.models.student import build_student, build_vit_student
+from fdfast.models.tokens import final_tokens, geometry
 
 
 def test_tiny_student_is_the_papers_architecture():
@@ -29,14 +30,14 @@ def test_shared_table_is_really_shared():
     torch.manual_seed(0)
     m = build_vit_student("tiny", patch_size=16, img_size=48).eval()
     x = torch.randn(2, 3, 48, 48)
-    out = student_tokens(m, x)
+    out = final_tokens(m, x)
     assert out.shape == (2, 1 + 9, 192)
     out.sum().backward()
     table = m.rel_pos_bias.relative_position_bias_table
     assert table.grad is not None and table.grad.abs().sum() > 0  # every block's logits feed one table
     with torch.no_grad():
         table.normal_()
-    assert not torch.allclose(student_tokens(m, x), out)
+    assert not torch.allclose(final_tokens(m, x), out)
     names = [n for n, _ in m.named_parameters() if "relative_position_bias_table" in n]
     assert names == ["rel_pos_bias.relative_position_bias_table"]
 
@@ -46,7 +47,7 @@ def test_presets_on_meta(size, width):
     with torch.device("meta"):
         m = build_student(ModelConfig(size=size, patch_size=14, img_size=224))
     assert m.num_features == width
-    assert student_grid(m) == ((16, 16), 1)
+    assert (geometry(m).grid, geometry(m).num_prefix_tokens) == ((16, 16), 1)
 
 
 def test_bad_sizes_are_clear():

@@ -5,7 +5,8 @@ from timm.models.swin_transformer_v2 import SwinTransformerV2
 
 from fdfast.config import ModelConfig
 from fdfast.errors import FDFastError
-from fdfast.models.student import build_student, student_grid, student_tokens
+from fdfast.models.student import build_student
+from fdfast.models.tokens import final_tokens, geometry
 from fdfast.models.swinv2 import build_swinv2_student, swinv2_student_kwargs
 
 
@@ -21,7 +22,7 @@ def test_fd_preset_is_window14_depths_2_2_18_2_width_128():
         model = build_student(ModelConfig(arch="swinv2", size="fd", img_size=224))
     assert isinstance(model, SwinTransformerV2)
     assert 86e6 < n_params(model) < 89e6  # SwinV2-B
-    assert student_grid(model) == ((7, 7), 0) and model.num_features == 1024
+    assert (geometry(model).grid, geometry(model).num_prefix_tokens) == ((7, 7), 0) and model.num_features == 1024
 
 
 def test_swinv2_giant_has_about_3_billion_parameters_on_meta():
@@ -36,9 +37,9 @@ def test_tiny_swinv2_student_runs_and_flattens_tokens():
     cfg = ModelConfig(arch="swinv2", size="tiny", img_size=64, drop_path=0.2,
                       kwargs=dict(embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=8))
     model = build_student(cfg)
-    tokens = student_tokens(model, torch.randn(2, 3, 64, 64))
+    tokens = final_tokens(model, torch.randn(2, 3, 64, 64))
     assert tokens.shape == (2, 64, 32)  # 64 px / 4 / 2 = 8x8 tokens of width 2 * 16
-    assert student_grid(model) == ((8, 8), 0)
+    assert (geometry(model).grid, geometry(model).num_prefix_tokens) == ((8, 8), 0)
     assert model.fd_student_kwargs["arch"] == "swinv2"
     assert model.layers[-1].blocks[-1].drop_path1.drop_prob == pytest.approx(0.2)
 

@@ -410,3 +410,13 @@ def test_register_teacher_adds_one_complete_entry(tmp_path):
     with pytest.raises(FDFastError, match="tokens must be one of"):
         teachers.register_teacher(teachers.TeacherEntry("plugin-x", "resnet18", tokens="pooled"))
     assert "plugin-x" not in teacher_names()
+
+
+def test_a_swinv2_cr_teacher_reads_its_last_stage():
+    """timm's SwinV2-CR lays its final features out as a CNN (NCHW stages): the entry must choose that layout."""
+    from fdfast.models.teachers import build_teacher, get_entry
+    assert get_entry("swinv2_cr_tiny_ns_224").tokens == "last_stage"
+    t = build_teacher("swinv2_cr_tiny_ns_224", "random", img_size=224, depths=(1, 1, 1, 1))
+    with torch.no_grad():
+        out = t(torch.randn(1, 3, 224, 224))
+    assert out.shape == (1, 49, t.dim) and t.grid == (7, 7) and t.num_prefix_tokens == 0

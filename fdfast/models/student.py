@@ -13,12 +13,10 @@ same state dict, so the export loads strictly into timm's classes).
 """
 from __future__ import annotations
 
-import torch
 from timm.models.beit import Beit
 from torch import nn
 
 from fdfast.errors import FDFastError
-from fdfast.models import tokens
 from fdfast.models.kwargs import check_kwargs
 
 # width, depth, heads (the ViT family presets)
@@ -82,14 +80,3 @@ def build_student(model_cfg, *, fast: bool = False) -> nn.Module:
         from fdfast.fastpath import fuse_residuals
         fuse_residuals(patch_model(model, backend=model_cfg.attention))
     return model
-
-
-def student_tokens(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """All tokens after the student's final norm, as [B, N, C] (SwinV2's NHWC map is flattened)."""
-    return tokens.final_tokens(model, images)
-
-
-def student_grid(model: nn.Module) -> tuple[tuple[int, int], int]:
-    """(token grid (h, w), number of prefix tokens) of a student's output at its built image size."""
-    geom = tokens.geometry(model)
-    return geom.grid, geom.num_prefix_tokens

@@ -428,7 +428,7 @@ def _layout_of(arch: str) -> tuple[Callable, str]:
     """(checkpoint filter, token choice) of a timm architecture, from the module that defines it."""
     from timm.models import is_model_in_modules
     vit_like = is_model_in_modules(arch, ["vision_transformer", "deit", "beit", "eva", "vision_transformer_relpos",
-                                          "vision_transformer_sam", "swin_transformer_v2_cr"])
+                                          "vision_transformer_sam"])
     filters = {"swin_transformer": filter_swin, "swin_transformer_v2": filter_swinv2}
     checkpoint_filter = next((f for module, f in filters.items() if is_model_in_modules(arch, [module])), filter_timm)
     return checkpoint_filter, "final_norm" if vit_like or checkpoint_filter is not filter_timm else "last_stage"
