@@ -341,8 +341,13 @@ class EpochOrder:
 
     def positions(self, epoch: int = 0, batch: int = 0):
         """Infinite (epoch, batch) sequence starting at a position."""
-        while True:
-            while batch < self.batches_per_epoch:
-                yield epoch, batch
-                batch += 1
-            epoch, batch = epoch + 1, 0
+        return positions(self.batches_per_epoch, epoch, batch)
+
+
+def positions(batches_per_epoch: int, epoch: int = 0, batch: int = 0):
+    """Infinite (epoch, batch) sequence of epochs of ``batches_per_epoch`` batches, from a position."""
+    while True:
+        while batch < batches_per_epoch:
+            yield epoch, batch
+            batch += 1
+        epoch, batch = epoch + 1, 0

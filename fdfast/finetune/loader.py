@@ -17,7 +17,7 @@ import os
 import torch
 
 from fdfast.data.base import FDLoader
-from fdfast.data.files import EpochOrder, FileList
+from fdfast.data.files import EpochOrder, FileList, positions
 from fdfast.finetune.data import LabelledImages
 from fdfast.signals import ignore_stop_signals, stop_signals_blocked
 
@@ -37,11 +37,7 @@ class MicroBatches:
         return index[s], seeds[s]
 
     def positions(self, epoch: int = 0, batch: int = 0):
-        while True:
-            while batch < self.batches_per_epoch:
-                yield epoch, batch
-                batch += 1
-            epoch, batch = epoch + 1, 0
+        return positions(self.batches_per_epoch, epoch, batch)
 
 
 def _own_generator() -> torch.Generator:
