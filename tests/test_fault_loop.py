@@ -75,6 +75,13 @@ class Setup:
     def __init__(self, work: Path, teacher_file: Path, image_dir: Path, ft_data: Path):
         self.work, self.teacher, self.images, self.ft_data = work, teacher_file, image_dir, ft_data
         self.timing: dict[str, dict] = {}
+        # the runs import this checkout's fdfast (`python -m fdfast` from its root), not an installed copy
+        import subprocess
+        where = subprocess.run([sys.executable, "-c", "import fdfast, fdfast.kernels; print(fdfast.__file__); "
+                                "print(fdfast.kernels.__file__)"], capture_output=True, text=True, check=True,
+                               env={**os.environ, **ENV}).stdout.split()
+        self.imports = {"fdfast": where[0], "fdfast.kernels": where[1]}
+        assert Path(where[0]).resolve().parents[1] == Path(__file__).resolve().parents[1], where
         self.fd = self._reference("fd", work / "reference", self.train)  # also: the run the swap / explicit kinds copy
         self.ft_model = self.fd / "student.safetensors"
         self.branch_b = work / "reference-branch-b"
@@ -274,7 +281,7 @@ def passed(result: dict) -> bool:
 
 # ----------------------------------------------------------------------------- the loop
 def run_loop(trials: int, s: Setup, seed: int = 0, log=print) -> list[dict]:
-    log(json.dumps({"reference": s.timing}))
+    log(json.dumps({"reference": s.timing, "imports": s.imports}))
     results = []
     for i in range(trials):
         results.append(trial(i, KINDS[i % len(KINDS)], s, seed))
