@@ -1,250 +1,179 @@
-"""The paper's ablation grid on the demo: each FD switch flipped alone from the paper's default, same seed and budget.
+"""The paper's ablations at this machine's scale: each FD switch flipped alone, 3 seeds, judged against seed noise.
 
-    python bench/ablate.py [--budget-min 45] [--steps N] [--only NAME ...] [--out DIR] [--runs DIR] [--quick]
+    python bench/ablate.py --plan                     # the cells, which are done, the estimated time of the rest
+    nohup python bench/ablate.py > ablate.log 2>&1 &  # run what is not done yet (stop and rerun at will)
+    python bench/ablate.py --report                   # ablations.md / .jsonl / .png from the finished cells
 
-Teacher: the demo's real DINOv2 ViT-S/14, distilled into the demo's ViT-Ti/14 on the real scikit-image photos
-(fdfast/recipes/demo.yaml). Every run gets the same seed and the same number of steps; without --steps the
-step count is what fits --budget-min for the whole grid, from a short timed calibration run. Per run:
-- final FD loss: the mean logged loss over the last 10% of steps. Losses of different kinds (smooth-L1, L2,
-  cosine) or targets are not comparable with each other; the two columns below are;
-- k-NN top-1 (%) of the student's pooled features on the demo-labelled set (fdfast.evaluate, k=20, T=0.07):
-  the whole val split against the first 400 training images of each class;
-- attention-distance spread of the last 3 layers: the std over heads of each head's mean attention distance
-  (px, fdfast.diagnostics), averaged over those layers, on the first 16 demo photos. FD's claim: wider spread.
-Writes DIR/ablations.jsonl (one row per switch, with device and versions), DIR/ablations.md and DIR/ablations.png
-(DIR: bench/results/ablations; --quick: runs/ablations-quick, 2 steps, a k-NN subset: a pipeline test).
+The same experiment and runner as bench/repro.py (its docstring: teacher, student, data, cells, keys, resume), at
+the scaling curve's second-largest FD budget: for each switch and seed, an FD run, then the probe and the
+fine-tune of its student. The default's cells are the curve's own cells at that budget (same config, same key):
+they are read from bench/results/repro and run once for both. Per switch: mean +- std over seeds of the fine-tune
+top-1 (final epoch), k-NN and linear-probe top-1, the final FD loss (its kind and target differ between switches:
+not comparable) and the attention-distance spread of the deep layers; the difference from the default is marked
+where it exceeds 2 standard errors (sqrt(se_switch^2 + se_default^2)). Writes DIR/ablations.jsonl (one row per
+switch), DIR/ablations.md and DIR/ablations.png (DIR: bench/results/ablations).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import shutil
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-RECIPE = "demo"
+from bench.repro import (RESULTS as CURVE_RESULTS, Cell, Runner, Setup, add_arguments, collect,  # noqa: E402
+                         mean_se, run_grid, setup_from_args, student_cells)
+
 RESULTS = ROOT / "bench" / "results" / "ablations"
-LAST_LAYERS = 3  # "the last layers" of the attention-distance spread
-ATTENTION_IMAGES = 16
-KNN_TRAIN_PER_CLASS = 400  # k-NN reference images per class (of ~780; the full val split is scored): measured,
-# the full set costs ~180 CPU-s per run on this machine, this subset about half
-EVAL_S = 75  # per-run evaluation seconds assumed when sizing the budget (k-NN ~6,000 images + attention)
+SEPARATES = 2.0  # standard errors of a difference that count as a difference
 
 
 @dataclass(frozen=True)
 class Ablation:
     name: str
-    overrides: dict = field(default_factory=dict)  # --set keys flipped from the recipe
-    paper: str = ""  # what the paper found for this switch
+    overrides: dict = field(default_factory=dict)  # FD config keys flipped from the experiment's default
+    paper: str = ""  # what the paper found for this switch (fine-tuning accuracy)
 
 
 GRID = (
-    Ablation("default", {}, "FD: full feature map, whitened, smooth-L1, shared RPB, teacher drop path 0"),
+    Ablation("default", {}, "full feature map, whitened, smooth-L1, shared RPB, teacher drop path 0"),
     Ablation("whiten_off", {"loss.whiten": False}, "worse than whitening"),
     Ablation("target_cls", {"loss.target": "cls"}, "worse than the full feature map"),
-    Ablation("target_embedding", {"loss.target": "embedding"}, "worse than the full feature map"),
-    Ablation("kind_l2", {"loss.kind": "l2"}, "smooth-L1 best"),
-    Ablation("kind_cosine", {"loss.kind": "cosine"}, "smooth-L1 best"),
-    Ablation("pos_bias_per_block", {"model.pos_bias": "per_block"}, "shared RPB best"),
-    Ablation("pos_bias_abs", {"model.pos_bias": "abs"}, "shared RPB best"),
-    Ablation("teacher_drop_path", {"teacher.drop_path": 0.1}, "asymmetric (teacher 0) best"),  # student's: 0.1
+    Ablation("pos_bias_per_block", {"model.pos_bias": "per_block"}, "worse than one shared RPB"),
+    Ablation("kind_l2", {"loss.kind": "l2"}, "worse than smooth-L1"),
+    Ablation("teacher_drop_path", {"teacher.drop_path": 0.1}, "worse than the asymmetric 0 (student 0.1)"),
 )
 
 
-# ----------------------------------------------------------------------------- one run
-def run_config(ablation: Ablation, steps: int, quick: bool):
-    from fdfast.config import load_config
-    common = {"optim.steps": steps, "optim.warmup_steps": max(1, steps // 10), "ckpt.every": 0, "ckpt.keep": 1,
-              "runtime.progress": False, "runtime.tensorboard": False, "runtime.log_every": 1 if quick else 10}
-    if quick:
-        common.update({"data.batch_size": 4, "data.num_workers": 0})
-    return load_config(RECIPE, {**common, **ablation.overrides})
-
-
-def unavailable(cfg) -> str | None:
-    """Why a switch cannot run with this recipe's teacher (None: it can)."""
-    from fdfast.models.teachers import get_entry
-    if cfg.loss.target == "embedding" and not get_entry(cfg.teacher.name).head_dim:
-        return (f"{cfg.teacher.name} has no head or projection (a self-supervised backbone): nothing to distill; "
-                f"demo-efficientnet-lite0 (ImageNet logits) can: --set teacher.name=demo-efficientnet-lite0")
-    return None
-
-
-def final_loss(run_dir: Path, steps: int) -> float:
-    """Mean logged loss over the last 10% of the steps (at least the last logged row)."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    tail = [r["loss"] for r in rows if r["step"] > steps - max(1, steps // 10)] or [rows[-1]["loss"]]
-    return sum(tail) / len(tail)
-
-
-def knn(run_dir: Path, data: Path) -> float:
-    from fdfast.evaluate import extract_features, knn_top1
-    return knn_top1(extract_features(str(run_dir), str(data), cache=False))
-
-
-def attention_spread(run_dir: Path, count: int = ATTENTION_IMAGES) -> dict:
-    """Std over heads of the mean attention distance (px), averaged over the last layers; and their mean distance."""
-    from fdfast.diagnostics.inputs import image_paths, load_images, load_model_under_test, to_tensor
-    from fdfast.diagnostics.run import attention_statistics
-    mut = load_model_under_test(str(run_dir))
-    images = to_tensor(load_images(image_paths(None, count), mut.image_size), mut.mean, mut.std)
-    layers = attention_statistics(mut.model, images)["layers"][-LAST_LAYERS:]
-    return {"attn_spread_px": sum(layer["spread"]["std"] for layer in layers) / len(layers),
-            "attn_mean_px": sum(sum(layer["distances"]) / len(layer["distances"]) for layer in layers) / len(layers)}
-
-
-def run_one(ablation: Ablation, steps: int, runs: Path, knn_data: Path | None, quick: bool) -> dict:
-    from fdfast.train import train
-    cfg = run_config(ablation, steps, quick)
-    row = {"switch": ablation.name, "settings": ablation.overrides, "paper": ablation.paper, "steps": steps,
-           "loss_kind": cfg.loss.kind, "loss_target": cfg.loss.target}
-    why = unavailable(cfg)
-    if why:
-        return dict(row, skipped=why)
-    run_dir = runs / ablation.name
-    shutil.rmtree(run_dir, ignore_errors=True)  # same budget from scratch, every time
-    t0 = time.perf_counter()
-    train(cfg, run_dir)
-    row.update(train_s=round(time.perf_counter() - t0, 1), final_loss=final_loss(run_dir, steps))
-    t0 = time.perf_counter()
-    row["knn_top1"] = knn(run_dir, knn_data) if knn_data else None
-    row.update(attention_spread(run_dir, 4 if quick else ATTENTION_IMAGES), eval_s=round(time.perf_counter() - t0, 1))
-    return row
-
-
-# ----------------------------------------------------------------------------- budget
-def calibrate_step_s(runs: Path) -> float:
-    """Seconds per optimizer step of the default config (the median of steps 3..8 of a short run)."""
-    from fdfast.train import train
-    cfg = run_config(GRID[0], 8, quick=False)
-    cfg.runtime.log_every = 1
-    run_dir = runs / "_calibration"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    train(cfg, run_dir)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    times = sorted(b["elapsed_s"] - a["elapsed_s"] for a, b in zip(rows[2:], rows[3:]))
-    shutil.rmtree(run_dir, ignore_errors=True)
-    return times[len(times) // 2]
-
-
-def steps_for_budget(budget_min: float, n_runs: int, step_s: float, recipe_steps: int) -> int:
-    """The most steps (<= the recipe's) that lets n_runs runs and their evaluations fit the budget (10% margin)."""
-    train_s = budget_min * 60 / n_runs - EVAL_S
-    steps = max(0, int(train_s / (1.1 * step_s)))
-    if steps < 20:
-        raise SystemExit(f"ablate: --budget-min {budget_min} leaves {steps} steps per run ({n_runs} runs at "
-                         f"{step_s:.2f} s/step + ~{EVAL_S} s evaluation each); give more minutes or --steps N")
-    return min(steps, recipe_steps)
-
-
-def knn_subset(per_class: int, val_per_class: int, where: Path) -> Path:
-    """A train/val ImageFolder of the first images per class of the demo-labelled set (symlinks; 0: all)."""
-    from fdfast.data.sources import source_dir
-    src = Path(source_dir("demo-labelled"))
-    shutil.rmtree(where, ignore_errors=True)
-    for split, n in (("train", per_class), ("val", val_per_class)):
-        for cls in sorted(p for p in (src / split).iterdir() if p.is_dir()):
-            (where / split / cls.name).mkdir(parents=True)
-            for f in sorted(cls.iterdir())[:n or None]:
-                (where / split / cls.name / f.name).symlink_to(f)
-    return where
+def ablation_cells(setup: Setup, steps: int, grid=GRID) -> list[Cell]:
+    """Seed by seed (a partial grid compares every switch on fewer seeds): each switch's FD run, probe, fine-tune."""
+    cells = []
+    for seed in setup.seeds:
+        for a in grid:
+            cells += student_cells(setup, steps, seed, a.overrides, tags={"switch": a.name})
+    return cells
 
 
 # ----------------------------------------------------------------------------- report
-def _fmt(x, spec=".3f"):
-    return "" if x is None else format(x, spec)
+def compare(stats: dict, base: dict) -> dict | None:
+    """Difference of means from the default, its standard error and whether it exceeds SEPARATES of them."""
+    if not stats or not base:
+        return None
+    diff = stats["mean"] - base["mean"]
+    se = math.sqrt(stats["se"] ** 2 + base["se"] ** 2)
+    return {"diff": diff, "se": se, "separates": bool(se > 0 and abs(diff) > SEPARATES * se)}
 
 
-def write_table(rows: list[dict], out: Path) -> Path:
-    lines = ["| switch | setting | paper's finding | final FD loss (kind) | k-NN top-1 % | attn spread, last 3 "
-             "layers (px) | attn mean (px) |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        setting = ", ".join(f"{k}={v}" for k, v in r["settings"].items()) or "(recipe default)"
-        if r.get("skipped"):
-            lines.append(f"| {r['switch']} | {setting} | {r['paper']} | not run: {r['skipped']} | | | |")
-            continue
-        lines.append(f"| {r['switch']} | {setting} | {r['paper']} | {_fmt(r['final_loss'], '.4f')} ({r['loss_kind']}, "
-                     f"{r['loss_target']}) | {_fmt(r['knn_top1'], '.1f')} | {_fmt(r['attn_spread_px'], '.2f')} | "
-                     f"{_fmt(r['attn_mean_px'], '.2f')} |")
-    env = rows[0]
-    lines += ["", f"{env['steps']} steps per run, seed 0, recipe `{RECIPE}` (DINOv2 ViT-S/14 -> ViT-Ti/14, real "
-              f"photos); {env.get('device_name', '?')} x {env.get('cpu_count', '?')} cores, torch {env.get('torch')}, "
-              f"git {env.get('git_sha')}, {env.get('time')}.",
-              "FD losses of different kinds / targets are not comparable; k-NN and the attention spread are."]
+def verdict(row: dict) -> str:
+    """Where the paper's ordering (every switch is worse than the default) holds for the fine-tune top-1 here."""
+    c = row.get("vs_default", {}).get("ft_top1")
+    if c is None:
+        return "not measured yet"
+    if not c["separates"]:
+        return f"no difference beyond {SEPARATES:g} SE: the paper's ordering is not resolved here"
+    return "worse: the paper's ordering holds" if c["diff"] < 0 else "better: the paper's ordering does not hold"
+
+
+def rows_of(cells: list[Cell], runner: Runner, grid=GRID) -> list[dict]:
+    per = collect(cells, runner, lambda c: c.tags.get("switch"))
+    stats = {name: {k: mean_se(v) for k, v in m.items() if k != "wall_s"} for name, m in per.items()}
+    base = stats.get("default", {})
+    rows = []
+    for a in grid:
+        s = stats.get(a.name, {})
+        row = {"switch": a.name, "settings": a.overrides, "paper": a.paper, "stats": s,
+               "wall_s": round(per.get(a.name, {}).get("wall_s", 0.0), 1)}
+        if a.name != "default":
+            row["vs_default"] = {k: compare(s.get(k), base.get(k)) for k in ("ft_top1", "knn_top1", "linprobe_top1")}
+            row["verdict"] = verdict(row)
+        rows.append(row)
+    return rows
+
+
+def _cell(s: dict | None, c: dict | None = None, digits: int = 2) -> str:
+    if not s:
+        return "--"
+    text = f"{s['mean']:.{digits}f} +- {s['std']:.{digits}f}" + (f" (n={s['n']})" if s["n"] != 3 else "")
+    if c is not None:
+        text += f", {c['diff']:+.2f}" + (" **" if c["separates"] else "")
+    return text
+
+
+def write_report(rows: list[dict], steps: int, out: Path) -> str:
     from fdfast.io import atomic_write_text
-    return atomic_write_text(out / "ablations.md", "\n".join(lines) + "\n")
+    lines = [f"| switch | setting | fine-tune top-1 (end), diff | k-NN top-1, diff | linear probe top-1, diff | "
+             f"final FD loss | attn spread, last 3 layers (px) | paper | here (fine-tune top-1) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        s, vs = r["stats"], r.get("vs_default", {})
+        setting = ", ".join(f"{k}={v}" for k, v in r["settings"].items()) or "(the curve's default)"
+        lines.append(f"| {r['switch']} | {setting} | {_cell(s.get('ft_top1'), vs.get('ft_top1'))} | "
+                     f"{_cell(s.get('knn_top1'), vs.get('knn_top1'))} | "
+                     f"{_cell(s.get('linprobe_top1'), vs.get('linprobe_top1'))} | "
+                     f"{_cell(s.get('fd_loss'), digits=4)} | {_cell(s.get('attn_spread_deep'))} | "
+                     f"{r['paper']} | {r.get('verdict', '')} |")
+    lines += ["", f"{steps} FD steps per run; mean +- std over seeds (n=3 unless marked); diff: switch minus default; "
+              f"** marks a difference beyond {SEPARATES:g} standard errors (sqrt(se^2 + se_default^2)). FD losses "
+              f"of different kinds or targets are not comparable.",
+              f"{sum(r['wall_s'] for r in rows) / 3600:.1f} h of wall time in the cells (the default's shared with "
+              f"the curve)."]
+    text = "\n".join(lines) + "\n"
+    atomic_write_text(out / "ablations.md", text)
+    atomic_write_text(out / "ablations.jsonl", "".join(json.dumps(dict(r, steps=steps)) + "\n" for r in rows))
+    plot(rows, out / "ablations.png")
+    return text
 
 
-def plot(rows: list[dict], out: Path) -> Path:
+def plot(rows: list[dict], path: Path) -> Path:
     from fdfast.diagnostics.plots import _plt, _save
     plt = _plt()
-    done = [r for r in rows if not r.get("skipped")]
-    names = [r["switch"] for r in done]
-    panels = [("k-NN top-1 (%)", "knn_top1"), ("attention-distance spread,\nlast 3 layers (px)", "attn_spread_px"),
-              ("final FD loss (kinds differ:\nnot comparable)", "final_loss")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(12, 0.35 * len(done) + 1.5), sharey=True)
+    panels = [("fine-tune top-1, final epoch (%)", "ft_top1"), ("k-NN top-1 (%)", "knn_top1"),
+              ("attention-distance spread,\nlast 3 layers (px)", "attn_spread_deep")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(13, 0.45 * len(rows) + 1.6), sharey=True)
     for ax, (title, key) in zip(axes, panels):
-        values = [r.get(key) if r.get(key) is not None else math.nan for r in done]
-        colours = ["#1f5fa8" if r["switch"] == "default" else "#8a8a8a" for r in done]
-        ax.barh(range(len(done)), values, color=colours)
-        ax.set_title(title)
-    axes[0].set_yticks(range(len(done)), names)
+        means = [r["stats"].get(key, {}).get("mean", math.nan) for r in rows]
+        errs = [2 * r["stats"].get(key, {}).get("se", 0.0) for r in rows]
+        colours = ["#1f5fa8" if r["switch"] == "default" else "#8a8a8a" for r in rows]
+        ax.barh(range(len(rows)), means, xerr=errs, color=colours, capsize=3)
+        finite = [m for m in means if not math.isnan(m)]
+        if finite:
+            lo, hi = min(finite), max(finite)
+            ax.set_xlim(max(0.0, lo - (hi - lo) - 2 * max(errs) - 1), hi + 2 * max(errs) + 1)
+        ax.set_title(title + "\n(+- 2 SE)", fontsize=9)
+        ax.grid(alpha=0.3, axis="x")
+    axes[0].set_yticks(range(len(rows)), [r["switch"] for r in rows])
     axes[0].invert_yaxis()
-    return _save(fig, out / "ablations.png")
+    fig.tight_layout()
+    return _save(fig, path)
 
 
-# ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- command line
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--budget-min", type=float, default=45.0, help="wall minutes for the whole grid (default 45)")
-    p.add_argument("--steps", type=int, help="steps per run (default: what fits --budget-min)")
-    p.add_argument("--only", nargs="+", choices=[a.name for a in GRID], help="run only these switches")
-    p.add_argument("--out", type=Path, help=f"results folder (default {RESULTS.relative_to(ROOT)})")
-    p.add_argument("--runs", type=Path, help="run directories (default runs/ablations)")
-    p.add_argument("--no-knn", action="store_true", help="skip the k-NN evaluation")
-    p.add_argument("--quick", action="store_true", help="2 steps of 4 images, k-NN on 10+5 images per class, "
-                   "attention on 4 photos: a test of the pipeline (~1-2 min on 2 quiet cores)")
+    add_arguments(p, RESULTS)
+    p.add_argument("--steps", type=int, help="FD steps of every run (default: the curve's second-largest budget, "
+                   f"{Setup.budgets[-2]})")
+    p.add_argument("--only", nargs="+", choices=[a.name for a in GRID], help="only these switches (and the default)")
     args = p.parse_args(argv)
-    out = args.out or (ROOT / "runs" / "ablations-quick" if args.quick else RESULTS)
-    runs = args.runs or ROOT / "runs" / ("ablations-quick" if args.quick else "ablations") / "runs"
-    runs.mkdir(parents=True, exist_ok=True)
-    grid = [a for a in GRID if not args.only or a.name in args.only]
-    knn_data = None if args.no_knn else knn_subset(*((10, 5) if args.quick else (KNN_TRAIN_PER_CLASS, 0)),
-                                                   runs / "_knn_subset")
-
-    from bench.run import environment
+    setup, results = setup_from_args(args, "ablations")
+    results = results or RESULTS
+    steps = args.steps or (setup.budgets[-1] if args.quick else setup.budgets[-2])
+    grid = [a for a in GRID if not args.only or a.name == "default" or a.name in args.only]
     from fdfast import runtime
-    from fdfast.config import RuntimeConfig, load_config
+    from fdfast.config import RuntimeConfig
     runtime.apply(RuntimeConfig())  # the process settings `fdfast train` makes (glibc malloc), once
-    env = environment("cpu")
-    if args.quick:
-        steps = args.steps or 2
-    else:
-        runnable = sum(1 for a in grid if not unavailable(run_config(a, 1, False)))
-        step_s = calibrate_step_s(runs) if not args.steps else None
-        steps = args.steps or steps_for_budget(args.budget_min, runnable, step_s, load_config(RECIPE).optim.steps)
-        print(f"ablate: {runnable} runs of {steps} steps" + (f" ({step_s:.2f} s/step measured)" if step_s else ""),
-              file=sys.stderr, flush=True)
-    rows, t0 = [], time.perf_counter()
-    for a in grid:
-        row = dict(run_one(a, steps, runs, knn_data, args.quick), **env)
-        rows.append(row)
-        print(f"ablate: {a.name}: " + (f"skipped ({row['skipped']})" if row.get("skipped") else
-              f"loss {row['final_loss']:.4f}, k-NN {_fmt(row['knn_top1'], '.1f')}, spread "
-              f"{row['attn_spread_px']:.2f} px, {row['train_s'] + row['eval_s']:.0f} s"), file=sys.stderr, flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    from fdfast.io import atomic_write_text
-    atomic_write_text(out / "ablations.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    write_table(rows, out)
-    plot(rows, out)
-    print((out / "ablations.md").read_text())
-    print(f"ablate: {time.perf_counter() - t0:.0f} s -> {out}", file=sys.stderr)
+    cells = ablation_cells(setup, steps, grid)
+    also = [] if args.quick else [CURVE_RESULTS]
+    if not args.report:
+        run_grid(setup, cells, results, also_read=also, budget_min=args.budget_min, plan_only=args.plan,
+                 recalibrate=args.recalibrate, keep_runs=args.keep_runs)
+    if not args.plan:
+        rows = rows_of(cells, Runner(setup, results, also), grid)
+        print(write_report(rows, steps, results))
     return 0
 
 

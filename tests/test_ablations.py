@@ -223,33 +223,60 @@ def _flat(d, prefix=""):
     return out
 
 
-def test_ablation_grid_flips_one_switch_at_a_time_within_the_budget():
-    from bench.ablate import EVAL_S, GRID, run_config, steps_for_budget, unavailable
-    configs = {a.name: run_config(a, 50, quick=False) for a in GRID}
-    base = _flat(configs["default"].to_dict())
-    for a in GRID[1:]:
-        changed = {k for k, v in _flat(configs[a.name].to_dict()).items() if v != base[k]}
+def test_ablation_grid_flips_one_switch_at_a_time_and_shares_the_curves_default():
+    from bench.ablate import GRID, ablation_cells
+    from bench.repro import Setup, curve_cells
+    setup = Setup(seeds=(0, 1))
+    cells = ablation_cells(setup, 750)
+    fd = [c for c in cells if c.kind == "fd"]
+    assert [(c.tags["switch"], c.tags["seed"]) for c in fd] == [(a.name, s) for s in (0, 1) for a in GRID]
+    base = {s: _flat(c.spec["config"]) for c in fd if c.tags["switch"] == "default" for s in [c.tags["seed"]]}
+    for c, a in zip(fd, GRID * 2):
+        flat = _flat(c.spec["config"])
+        changed = {k for k, v in flat.items() if v != base[c.tags["seed"]][k]}
         assert changed == set(a.overrides), a.name
-    assert base["optim.steps"] == 50 and base["runtime.seed"] == 0
-    assert "demo-dinov2-s14 has no head" in unavailable(configs["target_embedding"])
-    assert all(unavailable(c) is None for n, c in configs.items() if n != "target_embedding")
-    assert steps_for_budget(45, 8, 1.0, 300) == int((45 * 60 / 8 - EVAL_S) / 1.1) > 200  # 8 runs, 1 s/step
-    assert steps_for_budget(300, 8, 1.0, 300) == 300  # never past the recipe's own length
-    with pytest.raises(SystemExit, match="leaves 0 steps per run"):
-        steps_for_budget(5, 8, 1.0, 300)
+        assert flat["optim.steps"] == 750 and flat["runtime.seed"] == c.tags["seed"]
+    # each switch's student is probed and fine-tuned exactly as the default's is
+    for c in cells:
+        if c.kind == "ft":
+            assert c.spec["config"] == next(d for d in cells if d.kind == "ft" and d.tags["seed"] == c.tags["seed"]
+                                            ).spec["config"]
+    # the default's cells ARE the curve's cells at that budget: one key, run once for both
+    curve = {c.key for c in curve_cells(Setup(seeds=(0, 1), budgets=(0, 250, 750, 2000)))}
+    default = [c for c in cells if c.tags["switch"] == "default"]
+    assert len(default) == 6 and all(c.key in curve for c in default)
+    assert not any(c.key in curve for c in cells if c.tags["switch"] != "default")
 
 
-@pytest.mark.slow
-def test_ablate_quick_writes_the_table_and_plot(tmp_path):
-    from bench.ablate import main as ablate
-    assert ablate(["--quick", "--only", "default", "kind_cosine", "target_embedding", "--out", str(tmp_path),
-                   "--runs", str(tmp_path / "runs")]) == 0
-    rows = [json.loads(line) for line in (tmp_path / "ablations.jsonl").read_text().splitlines()]
-    assert [r["switch"] for r in rows] == ["default", "target_embedding", "kind_cosine"]  # in the grid's order
-    assert rows[1]["skipped"] and "final_loss" not in rows[1]
-    for r in (rows[0], rows[2]):
-        assert r["final_loss"] > 0 and 0 <= r["knn_top1"] <= 100 and r["attn_spread_px"] >= 0 and r["steps"] == 2
-    assert rows[2]["loss_kind"] == "cosine" and rows[0]["torch"] == torch.__version__
-    table = (tmp_path / "ablations.md").read_text()
-    assert "| kind_cosine | loss.kind=cosine |" in table and "not run: demo-dinov2-s14" in table
+def test_the_ablation_report_marks_differences_beyond_two_standard_errors(tmp_path):
+    from bench.ablate import GRID, ablation_cells, rows_of, write_report
+    from bench.repro import Runner, Setup
+    setup = Setup()
+    cells = ablation_cells(setup, 750)
+    top1 = {"default": [80, 81, 82], "whiten_off": [70, 71, 72], "target_cls": [79, 81, 83],
+            "kind_l2": [90, 91, 92], "teacher_drop_path": [80, 82]}  # pos_bias_per_block: nothing finished
+    (tmp_path / "cells").mkdir()
+    for c in cells:
+        values = top1.get(c.tags["switch"], [])
+        if c.kind != "ft" or c.tags["seed"] >= len(values):
+            continue
+        rec = {"kind": "ft", "wall_s": 60.0, "result": {"top1": values[c.tags["seed"]], "best_top1": 90.0}}
+        (tmp_path / "cells" / f"{c.name}.json").write_text(json.dumps(rec))
+    rows = {r["switch"]: r for r in rows_of(cells, Runner(setup, tmp_path))}
+    assert [r for r in rows] == [a.name for a in GRID]
+    assert rows["default"]["stats"]["ft_top1"]["mean"] == 81 and "verdict" not in rows["default"]
+    worse = rows["whiten_off"]["vs_default"]["ft_top1"]
+    assert worse["diff"] == -10 and worse["se"] == pytest.approx((2 / 3) ** 0.5) and worse["separates"]
+    assert rows["whiten_off"]["verdict"] == "worse: the paper's ordering holds"
+    assert not rows["target_cls"]["vs_default"]["ft_top1"]["separates"]
+    assert rows["target_cls"]["verdict"].startswith("no difference beyond 2 SE")
+    assert rows["kind_l2"]["verdict"] == "better: the paper's ordering does not hold"
+    assert rows["teacher_drop_path"]["stats"]["ft_top1"]["n"] == 2
+    assert rows["pos_bias_per_block"]["verdict"] == "not measured yet"
+    text = write_report(list(rows.values()), 750, tmp_path)
+    assert "| whiten_off | loss.whiten=False | 71.00 +- 1.00, -10.00 ** |" in text
+    assert "| target_cls | loss.target=cls | 81.00 +- 2.00, +0.00 |" in text
+    assert "81.00 +- 1.41 (n=2), +0.00" in text
+    lines = [json.loads(x) for x in (tmp_path / "ablations.jsonl").read_text().splitlines()]
+    assert [r["switch"] for r in lines] == [a.name for a in GRID] and lines[0]["steps"] == 750
     assert (tmp_path / "ablations.png").stat().st_size > 10_000
