@@ -145,7 +145,8 @@ def model_cells(setup: Setup, model: str, seed: int, fd: Cell | None = None, tag
                                            "knn_train_per_class": setup.knn_train_per_class,
                                            "val_per_class": setup.probe_val_per_class,
                                            "attention_images": setup.attention_images}, inputs, tags)
-    ft = Cell("ft", f"ft {name}" + (f" s{seed}" if model == "teacher" else ""),
+    epochs = f" {tags['epochs']} epochs" if "epochs" in tags else ""
+    ft = Cell("ft", f"ft {name}" + (f" s{seed}" if model == "teacher" else "") + epochs,
               {"config": ft_config(setup, seed).to_dict(), "model": ref,
                "labelled": setup.labelled or "demo-labelled"}, inputs, tags)
     return [probe, ft]
@@ -169,6 +170,22 @@ def curve_cells(setup: Setup) -> list[Cell]:
         for steps in setup.budgets:
             cells += student_cells(setup, steps, seed)
     return cells
+
+
+def teacher_curve_cells(setup: Setup, epochs: list[int], seed: int = 0) -> list[Cell]:
+    """Fine-tunes of the teacher for each length in ``epochs``: the measurement that picks the recipe's length."""
+    cells = []
+    for n in epochs:
+        s = replace(setup, ft_overrides=dict(setup.ft_overrides, **{"optim.epochs": n}))
+        cells.append(model_cells(s, "teacher", seed, tags={"epochs": n})[1])
+    return cells
+
+
+def settled(top1: list[float], tol: float = 2.0) -> dict:
+    """Whether a run's top-1 over the last third of its epochs moves by less than ``tol`` points (max - min)."""
+    last = top1[len(top1) - math.ceil(len(top1) / 3):]
+    moves = max(last) - min(last)
+    return {"last_third_epochs": [len(top1) - len(last) + 1, len(top1)], "moves": moves, "settled": moves < tol}
 
 
 # ----------------------------------------------------------------------------- running a cell
@@ -680,6 +697,31 @@ def plot_curve(report: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
+def teacher_curve_report(cells: list[Cell], runner: Runner, out: Path) -> str:
+    """teacher_curve.md / .json: each length's top-1 per epoch, final, best epoch, and whether it settled."""
+    from fdfast.io import atomic_write_json, atomic_write_text
+    rows = []
+    for cell in cells:
+        rec = runner.result(cell)
+        if rec is not None:
+            r = rec["result"]
+            top1 = [e["top1"] for e in r["curve"]]
+            rows.append({"epochs": r["epochs"], "top1_per_epoch": top1, "top1": r["top1"], "best_top1": r["best_top1"],
+                         "best_epoch": r["best_epoch"], **settled(top1), "wall_s": rec["wall_s"], "key": rec["key"],
+                         "git_sha": rec["env"]["git_sha"], "load_avg": rec["load_avg"]})
+    lines = ["| epochs | top-1 per epoch | end | best (epoch) | last third moves (points) | settled (< 2) | wall |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['epochs']} | {' '.join(f'{x:.1f}' for x in r['top1_per_epoch'])} | {r['top1']:.2f} | "
+                     f"{r['best_top1']:.2f} ({r['best_epoch']}) | {r['moves']:.2f} (epochs {r['last_third_epochs'][0]}-"
+                     f"{r['last_third_epochs'][1]}) | {'yes' if r['settled'] else 'no'} | {r['wall_s'] / 60:.0f} min |")
+    text = "\n".join(lines) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "teacher_curve.json", rows, indent=1)
+    atomic_write_text(out / "teacher_curve.md", text)
+    return text
+
+
 # ----------------------------------------------------------------------------- command line
 def quick_setup(work: Path) -> Setup:
     """Every kind of cell on the real teacher in a few minutes: 2 FD steps, 1 epoch on 4 images per class."""
@@ -724,6 +766,8 @@ def main(argv=None) -> int:
     add_arguments(p, RESULTS)
     p.add_argument("--budgets", type=int, nargs="+", help="FD steps of the curve (0: random init; default "
                    f"{' '.join(map(str, Setup.budgets))})")
+    p.add_argument("--teacher-curve", type=int, nargs="+", metavar="EPOCHS", help="instead of the curve: fine-tune "
+                   "the teacher (seed 0) for each of these lengths -> teacher_curve.md (picks the recipe's epochs)")
     args = p.parse_args(argv)
     setup, results = setup_from_args(args, "repro")
     results = results or RESULTS
@@ -732,8 +776,16 @@ def main(argv=None) -> int:
     from fdfast import runtime
     from fdfast.config import RuntimeConfig
     runtime.apply(RuntimeConfig())  # the process settings `fdfast train` makes (glibc malloc), once
-    cells = curve_cells(setup)
     also = [] if args.quick else [ABLATION_RESULTS]
+    if args.teacher_curve:
+        cells = teacher_curve_cells(setup, args.teacher_curve)
+        if not args.report:
+            run_grid(setup, cells, results, budget_min=args.budget_min, plan_only=args.plan,
+                     recalibrate=args.recalibrate, keep_runs=args.keep_runs)
+        if not args.plan:
+            print(teacher_curve_report(cells, Runner(setup, results), results))
+        return 0
+    cells = curve_cells(setup)
     if not args.report:
         run_grid(setup, cells, results, also_read=also, budget_min=args.budget_min, plan_only=args.plan,
                  recalibrate=args.recalibrate, keep_runs=args.keep_runs)

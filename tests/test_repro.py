@@ -225,3 +225,19 @@ def test_the_curve_report_from_finished_cells(grid_once, tmp_path):
     table = (tmp_path / "curve.md").read_text()
     assert "| random init | 0 |" in table and "| FD student | 3 |" in table and "7 of 7 cells done" in table
     assert (tmp_path / "curve.png").stat().st_size > 10_000
+
+
+def test_a_learning_curve_has_settled_when_its_last_third_moves_less_than_2_points():
+    flat = repro.settled([30, 60, 75, 80, 84, 85, 86, 85.5, 86.9])  # last third: epochs 7-9
+    assert flat["last_third_epochs"] == [7, 9] and flat["moves"] == pytest.approx(1.4) and flat["settled"]
+    climbing = repro.settled([30, 60, 75, 80, 84, 85, 86, 88, 89, 90])  # last third: epochs 7-10
+    assert climbing["last_third_epochs"] == [7, 10] and climbing["moves"] == 4 and not climbing["settled"]
+    assert repro.settled([50, 50.5])["last_third_epochs"] == [2, 2]  # one epoch of two: nothing moves
+
+
+def test_the_teacher_curve_runs_each_length_as_its_own_cell(tiny, tmp_path):
+    setup = tiny_setup(tiny, tmp_path / "work")
+    cells = repro.teacher_curve_cells(setup, [1, 2])
+    assert [c.spec["config"]["optim"]["epochs"] for c in cells] == [1, 2] and cells[0].key != cells[1].key
+    assert cells[0].label == "ft teacher s0 1 epochs" and all(c.spec["model"] == {"teacher": setup.teacher}
+                                                              for c in cells)
