@@ -25,7 +25,7 @@ def _results_state():
     return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} if folder.exists() else {}
 
 
-def run_check(out: Path, *args, timeout=3000, **env):
+def run_check(out: Path, *args, timeout=5400, **env):
     full = dict(os.environ, OUT=str(out), PYTHON=sys.executable, **env)
     return subprocess.run(["bash", str(SCRIPT), *args], env=full, capture_output=True, text=True, timeout=timeout)
 
@@ -35,7 +35,7 @@ def archive(out: Path) -> dict:
         return {m.name.removeprefix("./"): tar.extractfile(m).read().decode() for m in tar.getmembers() if m.isfile()}
 
 
-@pytest.mark.slow  # every bench --quick on the CPU: 10-30 minutes on 2 cores
+@pytest.mark.slow  # every bench --quick on the CPU: 15-60 minutes on 2 cores (e2e is most of it)
 def test_dry_run_proves_every_step_and_fits_the_window(tmp_path):
     before = _results_state()
     res = run_check(tmp_path, "--dry-run")
