@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from fdfast.errors import FDFastError
+from fdfast.kernels.choices import ATTENTION_BACKENDS, FUSED_LOSS_KINDS, LOSS_BACKENDS, LOSS_KINDS  # noqa: F401
 
 # Choices defined once: config fields use these, and the modules that act on them read the same values
 # (typing.get_args), so a new choice is one edit.
@@ -39,7 +40,7 @@ class ModelConfig:
     img_size: int = 224
     drop_path: float = 0.1  # max of the linear ramp over depth
     pos_bias: PosBias = "shared"  # the paper's ablation; shared is FD's
-    attention: Literal["auto", "triton", "sdpa", "reference"] = "auto"  # rpb attention backend
+    attention: Literal[ATTENTION_BACKENDS] = "auto"  # rpb attention backend
     kwargs: dict = field(default_factory=dict)  # extra timm model kwargs
 
 
@@ -87,14 +88,13 @@ class LossConfig:
     beta: float = 2.0  # smooth-L1's beta (kind smooth_l1 only)
     eps: float = 1e-5
     whiten: bool = True  # the paper's LayerNorm without affine on the target
-    backend: Literal["auto", "triton", "torch", "reference"] = "auto"
+    backend: Literal[LOSS_BACKENDS] = "auto"
     # what is distilled: tokens = the full feature map (the paper's); cls = the CLS token (mean-pooled token for
     # models without one); embedding = the teacher's final pooled output (CLIP projection / classifier logits)
     target: Literal["tokens", "cls", "embedding"] = "tokens"
-    kind: Literal["smooth_l1", "l2", "cosine"] = "smooth_l1"  # fused Triton kernel: smooth_l1, l2 (FUSED_LOSS_KINDS)
+    kind: Literal[LOSS_KINDS] = "smooth_l1"  # fused Triton kernel: smooth_l1, l2 (FUSED_LOSS_KINDS)
 
 
-FUSED_LOSS_KINDS = ("smooth_l1", "l2")  # loss kinds with a fused Triton kernel (kernels/fd_loss.py TRITON_KINDS)
 
 
 @dataclass

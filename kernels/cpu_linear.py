@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from .utils import autocast_dtype, native_bf16_cpu
 
 _PACK_ROWS_HINT = 2048  # oneDNN's layout hint (rows of x); the packed weight serves any row count
-ENABLED = True  # False: every call is F.linear (A/B measurements in bench/, debugging)
 
 
 @functools.lru_cache(maxsize=1)
@@ -64,7 +63,7 @@ def _bf16_math(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def packed_linear_usable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
     """``linear(x, weight, bias)`` takes the packed path: inference (no gradient anywhere) with a frozen weight,
     plain CPU tensors, bf16 math on a native-bf16 CPU, not under torch.compile tracing."""
-    return (ENABLED and not torch.compiler.is_compiling() and x.device.type == "cpu" and weight.device.type == "cpu"
+    return (not torch.compiler.is_compiling() and x.device.type == "cpu" and weight.device.type == "cpu"
             and type(weight.data) is torch.Tensor and not weight.requires_grad
             and not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
             and x.layout == torch.strided and weight.dim() == 2 and x.shape[-1] == weight.shape[1]

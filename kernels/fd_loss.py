@@ -29,13 +29,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .reference import LOSS_KINDS, fd_loss_reference
+from .choices import FUSED_LOSS_KINDS, LOSS_BACKENDS, LOSS_KINDS
+from .reference import fd_loss_reference
 from .utils import (autocast_dtype, compute_dtype, dot_precision, launch, mm_fp32_accumulate, tl, tl_accumulator,
                     triton, triton_usable)
 
 
-BACKENDS = ("auto", "triton", "torch", "reference")
-TRITON_KINDS = ("smooth_l1", "l2")  # kinds with a fused kernel; "cosine" runs on the torch path
+BACKENDS = LOSS_BACKENDS
+TRITON_KINDS = FUSED_LOSS_KINDS  # kinds with a fused kernel; cosine runs on the torch path
 
 
 def check_fd_inputs(student_tokens, teacher_tokens, weight, bias) -> None:

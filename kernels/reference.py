@@ -10,8 +10,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .choices import LOSS_KINDS
 
-LOSS_KINDS = ("smooth_l1", "l2", "cosine")
+
 
 
 def smooth_l1(diff: torch.Tensor, beta: float) -> torch.Tensor:

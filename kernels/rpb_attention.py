@@ -37,12 +37,13 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .choices import ATTENTION_BACKENDS
 from .reference import rpb_attention_reference
 from .utils import (batch_chunks, dot_precision, exact_bf16_products, launch, next_pow2, padded_tokens, tl, triton,
                     triton_usable)
 
 
-BACKENDS = ("auto", "triton", "reference", "sdpa")
+BACKENDS = ATTENTION_BACKENDS
 LOG2E = 1.4426950408889634
 # the small-N backward (whole [N, N] tiles in registers): (padded head dim, next_pow2(N)) -> the warp counts
 # that compile without spills on sm_90 for both of its kernels (bench/compile_report.py), for bf16 (the
