@@ -246,7 +246,7 @@ class Runner:
         return {"final_loss": statistics.fmean(tail) if tail else rows[-1]["loss"], "steps": steps,
                 "loss_curve": [[r["step"], r["loss"]] for r in rows[::every]],
                 "train_wall_s": summary["wall_s"], "img_per_s": summary["img_per_s"],
-                "compile": summary.get("compile"), "resumed_from": summary.get("resumed_from")}
+                "compile": summary.get("compile"), "resumed_from": _resumed(summary)}
 
     def _ft(self, cell: Cell) -> dict:
         from fdfast.finetune import FinetuneConfig, finetune
@@ -258,7 +258,7 @@ class Runner:
         return {"top1": curve[-1]["top1"], "top5": curve[-1]["top5"], "best_top1": summary["top1"],
                 "best_epoch": summary["best_epoch"], "epochs": summary["epochs"], "curve": curve,
                 "train_images": summary["train_images"], "val_images": summary["val_images"],
-                "train_wall_s": summary["wall_s"], "resumed_from": summary.get("resumed_from")}
+                "train_wall_s": summary["wall_s"], "resumed_from": _resumed(summary)}
 
     def _probe(self, cell: Cell) -> dict:
         from fdfast.evaluate import extract_features, knn_top1, linear_probe
@@ -293,6 +293,12 @@ class Runner:
 def _resume(run_dir: Path) -> str | None:
     """--resume auto where a stopped run left its directory (it continues from the newest intact commit)."""
     return "auto" if run_dir.exists() else None
+
+
+def _resumed(summary: dict) -> dict | None:
+    """Where the run's last piece resumed from: step and branch (the path is this machine's, not a result)."""
+    r = summary.get("resumed_from")
+    return None if r is None else {k: r.get(k) for k in ("step", "branch")}
 
 
 def _finished(run_dir: Path, *files: str) -> bool:
