@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 # (name, teacher timm name, img, student size, patch, batch)
 SHAPES_CPU = [("demo: dinov2-s/14 -> vit-ti/14 @112", "vit_small_patch14_dinov2", 112, "tiny", 14, 32),
               ("vit-ti/16 -> vit-ti/16 @224", "vit_tiny_patch16_224", 224, "tiny", 16, 16)]
+# --quick (a dry run proving the suite runs): fdfast and the eager baselines, at a shape that steps in seconds
+SHAPE_CPU_QUICK = ("quick: vit-ti/16 -> vit-ti/16 @64", "vit_tiny_patch16_224", 64, "tiny", 16, 8)
 SHAPES_CUDA = [("vit-b/16 <- vit-b/16 @224", "vit_base_patch16_224", 224, "base", 16, 128),
                ("vit-s/16 <- vit-s/16 @224", "vit_small_patch16_224", 224, "small", 16, 256)]
 RUN_STEPS = 300  # the run length fdfast's auto settings plan for (the demo's)
@@ -139,11 +141,11 @@ def _fdfast_worker(conn, shape: tuple) -> None:
     conn.close()
 
 
-def _providers(group: str, shape: tuple) -> tuple[dict, dict]:
-    """({name: step(x)}, {name: setup seconds}) of a plain-timm group."""
+def _providers(group: str, shape: tuple, compiled: bool) -> tuple[dict, dict]:
+    """({name: step(x)}, {name: setup seconds}) of a plain-timm group; ``compiled=False``: eager baselines only."""
     name, teacher, img, size, patch, batch = shape
     steps, setup = {}, {}
-    chosen = BASELINES if group == "timm" else [(TUNED, True, True)]
+    chosen = [b for b in BASELINES if compiled or not b[1]] if group == "timm" else [(TUNED, True, True)]
     for label, compiled, bf16 in chosen:
         t0 = time.perf_counter()
         steps[label] = plain_step(teacher, img, size, patch, compiled, bf16)
@@ -152,13 +154,13 @@ def _providers(group: str, shape: tuple) -> tuple[dict, dict]:
     return steps, setup
 
 
-def _worker(conn, group: str, shape: tuple) -> None:
+def _worker(conn, group: str, shape: tuple, compiled: bool) -> None:
     """One provider group in its own process: build, report ready, then time one step per request."""
     torch.manual_seed(0)
     if group == "fdfast":
         return _fdfast_worker(conn, shape)
     x = torch.randn(shape[-1], 3, shape[2], shape[2])
-    steps, setup = _providers(group, shape)
+    steps, setup = _providers(group, shape, compiled)
     conn.send((setup, None))
     while (name := conn.recv()) is not None:
         t0, c0 = time.perf_counter(), time.process_time()
@@ -167,13 +169,13 @@ def _worker(conn, group: str, shape: tuple) -> None:
     conn.close()
 
 
-def _start(ctx, group: str, shape: tuple, env: dict):
+def _start(ctx, group: str, shape: tuple, env: dict, compiled: bool):
     """A fresh process for ``group`` with ``env`` added to its environment (read by glibc at start)."""
     parent, child = ctx.Pipe()
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        proc = ctx.Process(target=_worker, args=(child, group, shape), daemon=True)
+        proc = ctx.Process(target=_worker, args=(child, group, shape, compiled), daemon=True)
         proc.start()
     finally:
         for k, v in saved.items():
@@ -182,15 +184,18 @@ def _start(ctx, group: str, shape: tuple, env: dict):
     return proc, parent
 
 
-def time_interleaved(shape: tuple, repeats: int, warmup: int) -> tuple[dict, dict, dict, dict]:
+def time_interleaved(shape: tuple, repeats: int, warmup: int, compiled: bool = True) -> tuple[dict, dict, dict, dict]:
     """({name: [wall s]}, {name: [process CPU s]}, {name: setup s}, fdfast's settings): one step of each
-    provider per round, each group in its own process, warm-up rounds dropped."""
+    provider per round, each group in its own process, warm-up rounds dropped. ``compiled=False`` (--quick, a
+    proof that the suite runs): the eager baselines only, no torch.compile."""
     ctx = multiprocessing.get_context("spawn")
     groups = {"timm": {}, "fdfast": {}, "tuned": {"GLIBC_TUNABLES": TUNABLES}}
+    if not compiled:
+        del groups["tuned"]
     workers, setup, settings = {}, {}, None
     try:
         for group, env in groups.items():  # one at a time: a build (compile) does not overlap another's
-            workers[group] = _start(ctx, group, shape, env)
+            workers[group] = _start(ctx, group, shape, env, compiled)
             got_setup, got_settings = workers[group][1].recv()
             setup.update({name: (group, s) for name, s in got_setup.items()})
             settings = settings or got_settings
@@ -216,18 +221,18 @@ def time_interleaved(shape: tuple, repeats: int, warmup: int) -> tuple[dict, dic
 def run_cpu(ctx) -> None:
     from fdfast.runtime import cpu_flags
     repeats, warmup = (3, 1) if ctx.quick else (8, 2)
-    shapes = SHAPES_CPU[:1] if ctx.quick else SHAPES_CPU
+    shapes = [SHAPE_CPU_QUICK] if ctx.quick else SHAPES_CPU
     flags = " ".join(f"{k}={v}" for k, v in cpu_flags().items())
     for shape in shapes:
-        wall, cpu, setup, settings = time_interleaved(shape, repeats, warmup)
+        wall, cpu, setup, settings = time_interleaved(shape, repeats, warmup, compiled=not ctx.quick)
         med = {k: statistics.median(v) for k, v in wall.items()}
         med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
-        plain = [label for label, _, _ in BASELINES]
+        plain = [label for label, _, _ in BASELINES if label in med]
         best = min(plain, key=med.get)
         best_cpu = min(plain, key=med_cpu.get)
         for provider, m in med.items():
             ctx.record(shape=shape[0], provider=provider, batch=shape[-1], step_ms=m * 1e3, img_per_s=shape[-1] / m,
-                       vs_best_baseline=med[best] / m, best_baseline=best, vs_tuned_malloc_baseline=med[TUNED] / m,
+                       vs_best_baseline=med[best] / m, best_baseline=best, vs_tuned_malloc_baseline=med[TUNED] / m if TUNED in med else None,
                        cpu_step_ms=med_cpu[provider] * 1e3, cpu_vs_best_baseline=med_cpu[best_cpu] / med_cpu[provider],
                        setup_s=setup[provider], steps_timed=len(wall[provider]), own_process=True,
                        fdfast_settings=settings if provider == "fdfast default" else None, cpu_flags=flags)
