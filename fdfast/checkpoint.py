@@ -36,7 +36,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import sys
 import time
 import warnings
@@ -50,7 +49,7 @@ from fdfast.errors import FDFastError
 from fdfast import io
 from fdfast.io import atomic_save_safetensors, atomic_write_json, atomic_write_text
 
-COMMITTED = "COMMITTED"
+COMMITTED = io.MARKER  # a step folder's record of its files, written last
 STEP_DIR = re.compile(r"^step-(\d+)$")
 STUDENT_META_KEY = "fdfast_model"  # safetensors metadata: JSON of the student's ModelConfig
 DCP_DIR = "dcp"  # the torch.distributed.checkpoint folder inside a step directory
@@ -336,7 +335,7 @@ def recover(run_dir: Path) -> list[str]:
     for d in sorted(root.iterdir()) if root.is_dir() else ():
         if STEP_DIR.match(d.name) and d.is_dir() and not is_committed(d):
             with io.writing(d):
-                shutil.rmtree(d)
+                io.remove_tree(d)
             stale.append(d.relative_to(run_dir))
     if stale:
         done.append(f"removed what an interrupted run left unfinished: {', '.join(map(str, stale))}")

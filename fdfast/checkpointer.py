@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import sys
 from pathlib import Path
 
@@ -225,7 +224,7 @@ def unwritable(run_dir: Path, step: int, error: BaseException) -> FDFastError:
     root = Path(run_dir) / "checkpoints"
     partial = root / f".tmp-step-{step}"
     if partial.is_dir():
-        shutil.rmtree(partial, ignore_errors=True)
+        io.remove_tree(partial, ignore_errors=True)
     fix = io.WriteFailed(root, error).fix if isinstance(error, OSError) else "check the disk"
     return FDFastError(f"cannot write checkpoint step-{step} in {root}: {getattr(error, 'strerror', None) or error}; "
                        f"{ckpt.where_to_resume(run_dir)}: {fix}, then --resume auto")
@@ -235,7 +234,7 @@ def fresh_tmp(run_dir: Path, step: int) -> Path:
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-step-{step}"  # one name for every rank (DCP); the run-dir lock keeps other runs out
-    shutil.rmtree(tmp, ignore_errors=True)
+    io.remove_tree(tmp, ignore_errors=True)  # a killed save's: its marker may be in it
     tmp.mkdir()
     return tmp
 
@@ -274,7 +273,7 @@ def prune(run_dir: Path, keep: int) -> list[Path]:
         doomed = root / f".tmp-pruned-{old.name.lstrip('.')}"
         os.rename(old, doomed)
         gone.append(old)
-        shutil.rmtree(doomed, ignore_errors=True)
+        io.remove_tree(doomed, ignore_errors=True)
     if gone:
         fsync_dir(root)
     return gone

@@ -40,12 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fdfast.signals import raise_swallowed, startup_interrupts
+    """Run the command ``argv`` (None: this process's own command line, which ends when main returns); returns
+    the exit code."""
+    from fdfast.signals import raise_deferred, startup_interrupts
     command = "fdfast"
     try:
-        with startup_interrupts():  # SIGTERM from here on, imports included: exit 130 and one line, as Ctrl-C
+        # SIGTERM from here on, imports included: exit 130 and one line, as Ctrl-C; ignored once the process's own
+        # command is done (argv None: the console script, `python -m fdfast`), so its exit stays the command's
+        with startup_interrupts(exiting=argv is None):
             parser = build_parser()
-            raise_swallowed()
+            raise_deferred()
             args = parser.parse_args(argv)
             if not getattr(args, "func", None):
                 parser.print_help()

@@ -12,6 +12,7 @@ half of one, and a write that fails is one line naming the file:
     recover_dirs(parent, complete)       # finish or roll back a publish a crash cut short (under the writers' lock)
     with run_dir_lock(dir, "fdfast train"):   # one process per run directory (flock on DIR/.lock)
     with writing(path): ...              # ENOSPC / EIO / EROFS inside -> WriteFailed naming path (one line)
+    remove_tree(folder)                  # its MARKER first, durably: a kill part-way leaves no marker on half of it
 
 The fsync discipline, in one place: a file is fsynced before it is renamed into place; the folder that holds a
 rename is fsynced after it (the new name is on disk); a folder is published only once everything inside it is.
@@ -33,13 +34,14 @@ from fdfast.errors import FDFastError
 
 __all__ = ["cache_dir", "WriteFailed", "writing", "fsync_file", "fsync_dir", "flush_tree", "atomic_path",
            "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_save_safetensors", "publish_dir",
-           "atomic_dir", "recover_dirs", "is_temp_name", "remove_temp", "run_dir_lock"]
+           "atomic_dir", "recover_dirs", "is_temp_name", "remove_temp", "remove_tree", "run_dir_lock"]
 
 # errno values that mean "this cannot be written here" (not a bug, not a missing input)
 _FIX = {errno.ENOSPC: "free space", errno.EDQUOT: "free space or raise the quota", errno.EFBIG: "free space",
         errno.EROFS: "make the file system writable", errno.EACCES: "make the folder writable",
         errno.EPERM: "make the folder writable", errno.EIO: "check the disk (an I/O error)"}
 ASIDE_SUFFIX = ".replaced"  # publish_dir's name for the folder being replaced: .NAME.replaced
+MARKER = "COMMITTED"  # the file that certifies a folder's files (written last); deleted first (remove_tree)
 FSYNC_FILES_MAX = 64  # files fsynced one by one when a folder is published; beyond that, one sync(2)
 
 
@@ -143,13 +145,28 @@ def is_temp_name(name: str) -> bool:
     return name.startswith(".") and ".tmp-" in name
 
 
+def remove_tree(folder: os.PathLike, ignore_errors: bool = False) -> None:
+    """Delete ``folder`` and everything in it, every MARKER inside first and durably (fsynced folder): a kill or a
+    power loss part-way leaves files without a marker (a leftover ``recover`` removes), never a marker over a
+    folder whose files are half gone."""
+    folder = Path(folder)
+    try:
+        for marker in sorted(folder.rglob(MARKER)):
+            marker.unlink()
+            fsync_dir(marker.parent)
+    except OSError:
+        if not ignore_errors:
+            raise
+    shutil.rmtree(folder, ignore_errors=ignore_errors)
+
+
 def remove_temp(folder: os.PathLike) -> list[Path]:
     """Remove the temporary files and folders a killed writer left in ``folder`` (call it only where no other
     writer can be at work: under the lock that keeps them out); returns what was removed."""
     folder, removed = Path(folder), []
     for p in sorted(folder.iterdir()) if folder.is_dir() else ():
         if is_temp_name(p.name):
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            remove_tree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
             removed.append(p)
     if removed:
         fsync_dir(folder)
@@ -225,27 +242,27 @@ def publish_dir(tmp: os.PathLike, final: os.PathLike, replace: bool = True,
         flush_tree(tmp)
         if final.exists() and complete(final):
             if not replace:
-                shutil.rmtree(tmp, ignore_errors=True)
+                remove_tree(tmp, ignore_errors=True)
                 return False
             aside = _aside(final)
             if aside.exists():  # a leftover of a finished swap (final is complete): not needed
-                shutil.rmtree(aside)
+                remove_tree(aside)
             os.rename(final, aside)
             fsync_dir(parent)
         elif final.exists() and replace:  # (an empty one is replaced by the rename itself)
-            shutil.rmtree(final)
+            remove_tree(final)
         try:
             os.rename(tmp, final)
         except OSError:
             if not replace and final.exists() and complete(final):  # a racing writer finished first
-                shutil.rmtree(tmp, ignore_errors=True)
+                remove_tree(tmp, ignore_errors=True)
                 return False
             if aside is not None:
                 os.rename(aside, final)  # roll back: the old one stays in place
             raise
         fsync_dir(parent)
         if aside is not None:
-            shutil.rmtree(aside)
+            remove_tree(aside)
             fsync_dir(parent)
     return True
 
@@ -258,11 +275,11 @@ def recover_dirs(parent: os.PathLike, complete: Callable[[Path], bool] = _nonemp
     for aside in sorted(parent.glob(f".*{ASIDE_SUFFIX}")) if parent.is_dir() else ():
         final = parent / aside.name[1:-len(ASIDE_SUFFIX)]
         if final.exists() and complete(final):
-            shutil.rmtree(aside)
+            remove_tree(aside)
             done.append(("finished", final))
         else:
             if final.exists():
-                shutil.rmtree(final)
+                remove_tree(final)
             os.rename(aside, final)
             done.append(("rolled back", final))
     if done:
@@ -289,7 +306,7 @@ def atomic_dir(final: os.PathLike) -> Iterator[Path]:
         publish_dir(tmp, final, replace=False)
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_tree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- the run-dir lock

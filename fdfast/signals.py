@@ -104,7 +104,7 @@ class StopRequest:
         self.signum: int | None = None
         self.received_at = 0.0  # time.monotonic() of the first signal
         self.previous = {}
-        raise_swallowed()
+        raise_deferred()
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 self.previous[sig] = signal.signal(sig, self._handle)
@@ -118,7 +118,8 @@ class StopRequest:
         return signal.Signals(self.signum).name if self.signum is not None else "another rank's signal"
 
     def check_setup(self) -> None:
-        """A set-up signal whose KeyboardInterrupt some library swallowed (a bare ``except:``) ends the run here."""
+        """A set-up signal not raised yet (it came during an import) or whose KeyboardInterrupt some library
+        swallowed (a bare ``except:``) ends the run here."""
         if self.phase == "setup" and self.signum is not None:
             raise KeyboardInterrupt(_setup_message(self.signum))
 
@@ -134,8 +135,10 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         now, name = time.monotonic(), signal.Signals(signum).name
         if self.phase == "setup":
-            self.signum = self.signum or signum  # kept, in case the exception is swallowed (begin_steps)
-            raise KeyboardInterrupt(_setup_message(signum))
+            self.signum = self.signum or signum  # kept: raised now, or at check_setup if not now / swallowed
+            if not _importing(frame):
+                raise KeyboardInterrupt(_setup_message(signum))
+            return
         if self.signum is None:
             self.signum, self.received_at = signum, now
             then = "writing the final files first" if self.phase == "final" else "stopping after this step"
@@ -166,29 +169,47 @@ def _setup_message(signum: int) -> str:
             f"committed")
 
 
-_SWALLOWED: list[int] = []  # start-up signals (startup_interrupts) whose KeyboardInterrupt may not have arrived
+def _importing(frame) -> bool:
+    """Whether the interrupted code runs inside an import. An exception raised there breaks more than the import:
+    torch's C++ start-up aborts (SIGABRT), numpy's recurses, a pybind11 module turns it into "ImportError:
+    initialization failed", and an interrupted PyRun_* call (optree's start-up) makes CPython end the process by
+    SIGINT whatever exit code it returns. So a signal there is noted and raised after the import."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+_NOTED: list[int] = []  # start-up signals (startup_interrupts) not raised yet, or maybe swallowed
 
 
 def _interrupt_at_once(signum, frame) -> None:
-    _SWALLOWED.append(signum)  # cleared once the exception is handled (startup_interrupts)
-    raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name} during start-up; nothing was written")
+    _NOTED.append(signum)  # forgotten once the command line handled the exception (startup_interrupts)
+    if not _importing(frame):
+        raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name} during start-up; nothing was written")
 
 
-def raise_swallowed() -> None:
-    """Raise again a start-up signal's KeyboardInterrupt that an import swallowed (some libraries import optional
-    parts under a bare ``except:``): called where a run starts, so such a signal still ends it before any work."""
-    if _SWALLOWED:
-        signum = _SWALLOWED[0]
-        _SWALLOWED.clear()
+def raise_deferred() -> None:
+    """Raise a start-up signal that came during an import (or whose KeyboardInterrupt some library swallowed with
+    a bare ``except:``): called once the imports are done and where a run starts, so it still ends the run before
+    any work."""
+    if _NOTED:
+        signum = _NOTED[0]
+        _NOTED.clear()
         raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name} during start-up; nothing was written")
 
 
 @contextlib.contextmanager
-def startup_interrupts():
-    """The command line's setting while it runs: SIGTERM ends the process as Ctrl-C does, and both are noted
-    (KeyboardInterrupt, which the CLI turns into one line and exit 130; ``raise_swallowed`` if an import lost it)
-    wherever no run's StopRequest has taken over, from the slow imports on; the previous handlers are put back on
-    exit (the CLI's ``main`` may be called in a test process)."""
+def startup_interrupts(exiting: bool = False):
+    """The command line's setting while it runs: SIGTERM ends the process as Ctrl-C does (KeyboardInterrupt, which
+    the CLI turns into one line and exit 130) wherever no run's StopRequest has taken over, from the slow imports
+    on; a signal during an import is only noted, and raised by ``raise_deferred`` once the imports are done.
+
+    On exit the previous handlers are put back (the CLI's ``main`` may be called in a test process), unless
+    ``exiting``: the process ends with the block (the command line's own run), and the stop signals are ignored
+    from then on, so that one landing in the interpreter's exit (loader workers joined, modules torn down) cannot
+    turn a command that has finished into a kill by signal with no line."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -197,5 +218,5 @@ def startup_interrupts():
         yield
     finally:
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        _SWALLOWED.clear()
+            signal.signal(sig, signal.SIG_IGN if exiting else handler)
+        _NOTED.clear()

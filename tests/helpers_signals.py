@@ -57,6 +57,20 @@ class GroupRun:
                 raise AssertionError(f"no marker after {timeout}s:\n{self.stderr[-3000:]}")
             time.sleep(poll)
 
+    def catches(self, sig: int) -> bool:
+        """Whether the main process has a handler for ``sig`` (SigCgt in /proc/PID/status: a bit mask of signals
+        1..64). Before `python -m fdfast` installs one (the first lines of `fdfast.cli.main`) the interpreter is
+        still starting, and the kernel's default action ends it by the signal: no program can answer a SIGTERM that
+        early, so a test of start-up SIGTERM waits for this."""
+        try:
+            with open(f"/proc/{self.proc.pid}/status") as f:
+                for line in f:
+                    if line.startswith("SigCgt:"):
+                        return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+        except OSError:  # the process is gone
+            pass
+        return False
+
     def killpg(self, sig: int) -> None:
         """The signal to every process of the group (the scheduler's way)."""
         os.killpg(self.pgid, sig)

@@ -276,6 +276,34 @@ def test_saving_a_committed_step_again_never_leaves_it_uncommitted(tmp_path, mon
     assert ckpt.damage(run / "checkpoints" / "step-2") is None
 
 
+@pytest.mark.parametrize("doomed", [".step-2.replaced", ".tmp-pruned-step-1"])
+def test_a_kill_while_a_committed_folder_is_deleted_never_leaves_its_marker_on_half_of_it(tmp_path, monkeypatch,
+                                                                                          doomed):
+    """The old copy of a re-saved step (after the new one is in) and a pruned step are deleted file by file: a
+    kill part-way leaves files without a marker, which recovery removes, never a marker that lies about them."""
+    from fdfast import io
+    run = tmp_path / "run"
+    _save(run, 1, 1.0)
+    _save(run, 2, 2.0)
+    real_rmtree = io.shutil.rmtree
+
+    def rmtree(path, *a, **k):
+        if Path(path).name == doomed:
+            (Path(path) / "model.safetensors").unlink()  # the first file gone, then the kill
+            raise Killed
+        real_rmtree(path, *a, **k)
+    monkeypatch.setattr(io.shutil, "rmtree", rmtree)
+    with pytest.raises(Killed):
+        _save(run, 2, 20.0) if doomed.startswith(".step") else _save(run, 3, 3.0, keep=2)
+    monkeypatch.undo()
+    assert (run / "checkpoints" / doomed).is_dir() and not (run / "checkpoints" / doomed / ckpt.COMMITTED).exists()
+    assert [m.parent.name for m in run.rglob(ckpt.COMMITTED) if ckpt.damage(m.parent) is not None] == []
+    assert ckpt.recover(run)
+    assert sorted(os.listdir(run / "checkpoints")) == (["step-1", "step-2"] if doomed.startswith(".step")
+                                                       else ["step-2", "step-3"])
+    assert _value(run / "checkpoints" / "step-2") == (20.0 if doomed.startswith(".step") else 2.0)
+
+
 def test_recover_removes_and_names_what_a_killed_writer_left(tmp_path):
     run = tmp_path / "run"
     _save(run, 1, 1.0)

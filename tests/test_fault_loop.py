@@ -169,6 +169,8 @@ def interrupt(run: GroupRun, out: Path, rng: random.Random, timing: dict, mode: 
     event = {"signal": signal.Signals(sig).name, "mode": mode}
     if mode == "startup":
         wait_until(run, lambda: False, rng.uniform(0.1, timing["start_s"]))
+        if sig == signal.SIGTERM:  # not before the interpreter ran fdfast's first lines (GroupRun.catches)
+            wait_until(run, lambda: run.catches(sig), 60)
     elif mode == "swap":  # paused after the old copy went aside (1) or after the new one went in (2)
         event["swap_point"] = swap_point
         wait_until(run, lambda: (flags / f"swap-{swap_point}").exists(), 2 * timing["start_s"] + 120)
@@ -191,7 +193,7 @@ def interrupt(run: GroupRun, out: Path, rng: random.Random, timing: dict, mode: 
     event["rc"] = run.wait(timeout=300)
     if event["rc"] == 0 and sig == signal.SIGKILL:  # it ended between our last look and the signal
         event["missed"] = True
-    event["group_left"] = run.group_alive(grace=5)  # a worker outliving the main process
+    event["group_left"] = run.group_alive(grace=15)  # a worker outliving the main process (seconds: a loaded machine)
     if event["group_left"]:
         run.kill()
     event["in_flight"] = in_flight(out)  # what the kill cut off (SIGKILL during a save leaves these)
@@ -274,9 +276,14 @@ def abandoned_used(out: Path, resumes: list[tuple]) -> list[str]:
 
 
 def passed(result: dict) -> bool:
+    """The run ended equal to its reference with nothing damaged or left over; every kill left every marker
+    intact and no worker behind; every SIGTERM ended the run in one line with exit 130 (0: it came after the last
+    step, and the final files were written)."""
+    clean = all(not e.get("damaged") and not e.get("group_left") and
+                (e["signal"] != "SIGTERM" or e.get("missed") or (e["rc"] in (0, 130) and not e["traceback"]))
+                for e in result["events"])
     return (result["final_rc"] == 0 and result["equal"] and not result.get("damaged") and not result.get("leftovers")
-            and not result.get("abandoned_used") and not any(e.get("damaged") or e.get("traceback")
-                                                             and e["signal"] == "SIGTERM" for e in result["events"]))
+            and not result.get("abandoned_used") and clean)
 
 
 # ----------------------------------------------------------------------------- the loop

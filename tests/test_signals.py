@@ -262,11 +262,30 @@ def test_a_signal_a_library_swallowed_still_ends_the_run_before_its_first_step()
         assert stop.requested
 
 
+def test_a_signal_during_an_import_is_raised_once_the_import_is_done(tmp_path, monkeypatch):
+    """An exception thrown into an import breaks more than the import (torch's C++ start-up aborts, a pybind11
+    module reports "initialization failed", CPython exits by SIGINT after an interrupted PyRun_*): a signal that
+    lands in one is noted, the import finishes, and the run ends at its next check, before any work."""
+    import importlib
+    (tmp_path / "slow_import_a.py").write_text("import signal\nsignal.raise_signal(signal.SIGTERM)\nDONE = True\n")
+    (tmp_path / "slow_import_b.py").write_text("import signal\nsignal.raise_signal(signal.SIGINT)\nDONE = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with signals.startup_interrupts():
+        assert importlib.import_module("slow_import_a").DONE  # imported whole, no exception inside
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM during start-up"):
+            signals.raise_deferred()
+    with signals.StopRequest("test", announce=False, phase="setup") as stop:
+        assert importlib.import_module("slow_import_b").DONE
+        with pytest.raises(KeyboardInterrupt, match="SIGINT during set-up, before the first step"):
+            stop.check_setup()
+
+
 def test_a_group_sigterm_during_start_up_exits_130_in_one_line(tmp_path, teacher_file, image_dir):
     """The first second of `fdfast train` (imports, parsing): the command line's SIGTERM handler ends it as Ctrl-C."""
     out = tmp_path / "run"
     run = GroupRun(_train_argv(out, teacher_file, image_dir, "torch"), tmp_path / "log")
-    time.sleep(0.5)
+    run.wait_for(lambda: run.catches(signal.SIGTERM), timeout=120)  # fdfast's first lines ran (the CLI's handler)
+    time.sleep(0.3)  # seconds: inside the slow imports (torch, timm) that follow
     run.killpg(signal.SIGTERM)
     rc = run.wait()
     err = run.stderr.strip().splitlines()
