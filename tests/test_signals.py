@@ -280,6 +280,23 @@ def test_a_signal_during_an_import_is_raised_once_the_import_is_done(tmp_path, m
             stop.check_setup()
 
 
+def test_the_command_lines_own_process_ignores_stop_signals_once_its_command_is_done():
+    """`python -m fdfast` / the console script: after the command (files written, exit code decided) comes only the
+    interpreter's exit, where a signal would turn a finished command into a kill by signal with no line (-15); a
+    main() called with arguments (a test, a notebook) puts the previous handlers back instead."""
+    before = {s: signal.getsignal(s) for s in signals.STOP_SIGNALS}
+    try:
+        with signals.startup_interrupts():
+            assert signal.getsignal(signal.SIGTERM) is not before[signal.SIGTERM]
+        assert {s: signal.getsignal(s) for s in signals.STOP_SIGNALS} == before
+        with signals.startup_interrupts(exiting=True):
+            pass
+        assert all(signal.getsignal(s) == signal.SIG_IGN for s in signals.STOP_SIGNALS)
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
 def test_a_group_sigterm_during_start_up_exits_130_in_one_line(tmp_path, teacher_file, image_dir):
     """The first second of `fdfast train` (imports, parsing): the command line's SIGTERM handler ends it as Ctrl-C."""
     out = tmp_path / "run"
