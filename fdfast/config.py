@@ -26,6 +26,7 @@ Loader = Literal["auto", "dali", "torch", "synthetic"]  # fdfast.data.resolve_lo
 PosBias = Literal["shared", "per_block", "abs"]  # fdfast.models.student
 Precision = Literal["auto", "fp32", "bf16", "fp16"]  # fdfast.runtime.PRECISIONS (+ auto)
 Malloc = Literal["auto", "default"]  # fdfast.hostmem
+Tracker = Literal["tensorboard", "wandb", "none"]  # fdfast.metrics.MetricsLog (wandb: fdfast.trackers)
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 FINETUNE_PREFIX = "ft_"  # recipes/ft_*.yaml are fine-tuning recipes (fdfast finetune); the others are FD recipes
@@ -123,7 +124,15 @@ class RuntimeConfig:
     seed: int = 0
     log_every: int = 10
     progress: bool = True
-    tensorboard: bool = True
+    # where the metrics rows go besides metrics.jsonl: TensorBoard (DIR/tb), Weights & Biases (the wandb extra;
+    # offline into DIR/wandb without an API key), or nowhere else
+    tracker: Tracker = "tensorboard"
+
+
+# Keys renamed since they shipped, still read in old recipes, saved config.yaml files and --set: old dotted key ->
+# (new dotted key in the same section, the old value's type, old value -> new value). Given beside the new key in
+# one mapping, the two must agree; a --set of either name replaces the other in the file it overrides.
+RENAMED_KEYS = {"runtime.tensorboard": ("runtime.tracker", bool, {True: "tensorboard", False: "none"}.get)}
 
 
 class ConfigTree:
@@ -265,9 +274,35 @@ def _coerce(value, tp, name: str):
     return value
 
 
+def _renamed(key: str, value) -> tuple[str, Any]:
+    """(new dotted key, new value) of a key in RENAMED_KEYS; any other key as it is."""
+    if key not in RENAMED_KEYS:
+        return key, value
+    new_key, tp, convert = RENAMED_KEYS[key]
+    return new_key, convert(_coerce(value, tp, key))
+
+
+def _read_renamed(d: dict, prefix: str) -> dict:
+    """A section's mapping with its old key names (RENAMED_KEYS) read as the new ones."""
+    out = dict(d)
+    for key, value in d.items():
+        old_key = f"{prefix}{key}"
+        new_key, new_value = _renamed(old_key, value)
+        if new_key == old_key:
+            continue
+        name = new_key.rsplit(".", 1)[-1]
+        if name in d and d[name] != new_value:
+            raise FDFastError(f"config keys {old_key}={value!r} (the old name for {new_key}={new_value}) and "
+                              f"{new_key}={d[name]!r} disagree; keep only {new_key}")
+        del out[key]
+        out[name] = new_value
+    return out
+
+
 def _build(cls, d: dict, prefix: str):
     if not isinstance(d, dict):
         raise FDFastError(f"config section {prefix.rstrip('.') or 'root'!r} must be a mapping, got {d!r}")
+    d = _read_renamed(d, prefix)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -339,6 +374,7 @@ def parse_override(item: str) -> tuple[str, Any]:
 def apply_overrides(d: dict, overrides: dict[str, Any]) -> dict:
     """Set dotted keys in a nested dict (validation happens in Config.from_dict)."""
     for key, value in overrides.items():
+        key, value = _renamed(key, value)
         node = d
         parts = key.split(".")
         for p in parts[:-1]:
@@ -346,6 +382,8 @@ def apply_overrides(d: dict, overrides: dict[str, Any]) -> dict:
             if not isinstance(node, dict):
                 raise FDFastError(f"config key {key!r}: {p!r} is not a section")
         node[parts[-1]] = value
+        for old in (o for o, (new, *_) in RENAMED_KEYS.items() if new == key):  # the override replaces it
+            node.pop(old.rsplit(".", 1)[-1], None)
     return d
 
 

@@ -1,4 +1,4 @@
-"""What a run reports while it runs: metrics.jsonl + TensorBoard (``MetricsLog``) and the terminal (``Progress``).
+"""What a run reports while it runs: metrics.jsonl + a tracker (``MetricsLog``) and the terminal (``Progress``).
 
 Both are written by rank 0 only; other ranks get disabled instances, so the loop calls them unconditionally.
 A write that fails (a full disk, an I/O error, a read-only file system) is ``fdfast.io.WriteFailed`` naming the
@@ -13,8 +13,10 @@ import os
 import socket
 import sys
 import time
+import typing
 from pathlib import Path
 
+from fdfast.config import Tracker
 from fdfast.io import WriteFailed, atomic_write_text, fsync_file, writing
 
 _EVENT_FILES = itertools.count()  # unique event file names within one process
@@ -71,17 +73,21 @@ class EventFile:
 
 
 class MetricsLog:
-    """DIR/metrics.jsonl (one JSON object per logged step) + TensorBoard scalars under DIR/tb.
+    """DIR/metrics.jsonl (one JSON object per logged step) + the same numbers in a tracker (``runtime.tracker``):
+    TensorBoard scalars under DIR/tb, or a Weights & Biases run (``fdfast.trackers``, with ``config`` and, at
+    ``finish``, the run summary), or neither.
 
     On resume, rows a crashed run logged after the checkpoint it resumes from are dropped (the file is rewritten
     atomically), so the file never holds a step twice; TensorBoard purges the same steps. ``sync()`` puts the rows
     on disk (the loop calls it before a checkpoint commits, so a committed step never lacks its rows).
     """
 
-    def __init__(self, out_dir: Path | None, resume_step: int, tensorboard: bool, enabled: bool = True,
-                 prefix: str = "train"):
+    def __init__(self, out_dir: Path | None, resume_step: int, tracker: str, enabled: bool = True,
+                 prefix: str = "train", config: dict | None = None, command: str = "fdfast train"):
+        if tracker not in typing.get_args(Tracker):
+            raise ValueError(f"tracker must be one of {typing.get_args(Tracker)}, got {tracker!r}")
         self.enabled = enabled and out_dir is not None
-        self.prefix, self.events = prefix, None
+        self.prefix, self.events, self.wandb = prefix, None, None
         if not self.enabled:
             return
         self.path = Path(out_dir) / "metrics.jsonl"
@@ -89,8 +95,18 @@ class MetricsLog:
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
-        if tensorboard:
+        if tracker == "tensorboard":
             self.events = EventFile(Path(out_dir) / "tb", purge_step=resume_step + 1)
+        elif tracker == "wandb":
+            from fdfast.trackers import WandbTracker
+            self.wandb = WandbTracker(Path(out_dir), config or {}, command, prefix)
+
+    @staticmethod
+    def check(tracker: str) -> None:
+        """The tracker's package is there (W&B is an optional extra), or one FDFastError naming the extra."""
+        if tracker == "wandb":
+            from fdfast.trackers import import_wandb
+            import_wandb()
 
     def log(self, row: dict) -> None:
         if not self.enabled:
@@ -98,10 +114,12 @@ class MetricsLog:
         with writing(self.path):
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+        numbers = {k: v for k, v in row.items()  # None: a loss of steps that were all skipped
+                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self.events is not None:
-            numbers = {k: v for k, v in row.items()
-                       if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
             self.events.scalars(row["step"], numbers, self.prefix)
+        if self.wandb is not None:
+            self.wandb.log(row["step"], numbers)
 
     def sync(self) -> None:
         """The rows logged so far on disk (fsync)."""
@@ -120,10 +138,21 @@ class MetricsLog:
         rows = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
         return next((r[key] for r in reversed(rows) if key in r), None)
 
-    def close(self) -> None:
-        if self.events is not None:
-            events, self.events = self.events, None
-            events.close()
+    def close(self, failed: bool = False) -> None:
+        """Close the TensorBoard file. A W&B run stays open for ``finish`` unless the run ``failed`` (then it is
+        finished as failed here)."""
+        try:
+            if self.events is not None:
+                events, self.events = self.events, None
+                events.close()
+        finally:
+            if failed and self.wandb is not None:
+                self.wandb.finish(None)
+
+    def finish(self, summary: dict) -> None:
+        """The end of a run that finished: its summary to the tracker that keeps one (W&B), which is then closed."""
+        if self.wandb is not None:
+            self.wandb.finish(summary)
 
 
 class Progress:

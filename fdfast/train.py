@@ -144,6 +144,8 @@ def _fit(run, run_dir: RunDir, on_step, stop: signals.StopRequest) -> dict:
     start = 0
     if run_dir.resume_from is not None:
         start = _load(checkpointer, run, run_dir.resume_from)
+    if info.is_main and out is not None:
+        MetricsLog.check(cfg.runtime.tracker)  # a missing tracker package: one line before anything is written
     stop.check_setup()  # nothing is written before this point
     run_dir.open(cfg.to_yaml())
     checkpointer.set_branch(run_dir.branch)
@@ -152,7 +154,7 @@ def _fit(run, run_dir: RunDir, on_step, stop: signals.StopRequest) -> dict:
     if info.is_main and out is not None:  # printed once the run really starts, so a refused start stays one line
         print(f"{run.command}: precision {run.rt.precision['precision']} ({run.rt.precision['why']}); "
               f"{run.batch_line()}", file=sys.stderr)
-    metrics = MetricsLog(out, start, cfg.runtime.tensorboard, info.is_main)
+    metrics = MetricsLog(out, start, cfg.runtime.tracker, info.is_main, config=cfg.to_dict(), command=run.command)
     progress = Progress(run.command.split()[-1], run.total_steps, start, info.is_main and cfg.runtime.progress)
     run.task.train()
     t_run = t_log = time.perf_counter()
@@ -203,7 +205,8 @@ def _fit(run, run_dir: RunDir, on_step, stop: signals.StopRequest) -> dict:
         try:
             checkpointer.wait()  # commit a DCP save still being written (after a stop or an error, too)
         finally:  # an error while closing is raised only when no other one is on its way
-            _close_all(sys.exc_info()[1] is not None, progress.close, metrics.close)
+            failing = sys.exc_info()[1] is not None
+            _close_all(failing, progress.close, lambda: metrics.close(failed=failing))
 
     stop.finishing()  # the last step is done: a signal now lets the final files be written
     if out is not None:
@@ -220,6 +223,7 @@ def _fit(run, run_dir: RunDir, on_step, stop: signals.StopRequest) -> dict:
             summary["last_top1"] = metrics.last("top1")
         summary = run.finish(run, out, tensors, summary)
         atomic_write_json(out / "summary.json", summary, indent=2)
+        metrics.finish(summary)  # a W&B run gets the summary and ends
     run.loader.close()
     distributed.shutdown()
     return summary

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 
-from fdfast.config import (CkptConfig, ConfigTree, DistConfig, RuntimeConfig, apply_overrides, check_choices,
-                           load_recipe)
+from fdfast.config import (CkptConfig, ConfigTree, DistConfig, RuntimeConfig, Tracker, apply_overrides,
+                           check_choices, load_recipe)
 from fdfast.errors import FDFastError
 
 AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"  # RandAugment, magnitude 9, magnitude std 0.5, increasing ops (METHOD.md)
@@ -77,7 +77,7 @@ class FTCkptConfig(CkptConfig):
 class FTRuntimeConfig(RuntimeConfig):
     seed: int = 0  # model init (head), drop path and Mixup; data.seed moves the data
     log_every: int = 0  # steps between metrics rows; 0: one row per epoch, with its evaluation
-    tensorboard: bool = False
+    tracker: Tracker = "none"  # metrics.jsonl only; tensorboard or wandb add a tracker
 
 
 @dataclass
