@@ -180,7 +180,6 @@ def build_fd_run(cfg, rt: Runtime, loader=None) -> Run:
 def build_finetune_run(cfg, model_spec: str, rt: Runtime) -> Run:
     """Every part of a fine-tuning run (``fdfast finetune MODEL``): data splits, classifier, loss, optimizer with
     layer decay, EMA, evaluation; the val split is divided across ranks without overlap."""
-    from fdfast.data.files import FileList
     from fdfast.finetune.data import build_transforms, load_splits
     from fdfast.finetune.loader import EvalBatches, LabelledLoader
     from fdfast.finetune.model import build_classifier, resolve_model
@@ -199,9 +198,8 @@ def build_finetune_run(cfg, model_spec: str, rt: Runtime) -> Run:
                             rank=info.rank, world_size=info.world_size, num_workers=d.num_workers,
                             accum_steps=cfg.optim.accum_steps)
     steps_per_epoch = loader.steps_per_epoch  # optimizer steps
-    val = splits.val  # each rank scores every world_size-th image: no image twice, none dropped
-    mine = FileList(val.root, val.paths[info.rank::info.world_size], val.labels[info.rank::info.world_size],
-                    val.classes, val.bad)
+    val = splits.val  # each rank scores every world_size-th image (folder or shards): no image twice, none dropped
+    mine = val.subset(range(info.rank, len(val), info.world_size))
     evaluator = Evaluator(clf, splits.classes, EvalBatches(mine, eval_tf, d.batch_size, d.num_workers), info,
                           steps_per_epoch)
     ema = None

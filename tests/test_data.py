@@ -13,7 +13,7 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from fdfast.config import DataConfig
-from fdfast.data import build_fd_loader, build_labeled_loader, resolve_loader, write_summary
+from fdfast.data import build_fd_loader, resolve_loader, write_summary
 from fdfast.data.files import EpochOrder, check_files, list_images
 from fdfast.errors import FDFastError
 
@@ -176,29 +176,25 @@ def test_torch_resume_gives_the_same_next_batches(mixed_dir):
 
 @pytest.mark.skipif(not HAS_DALI, reason="nvidia-dali not installed")
 def test_dali_resume_reads_the_same_files(tmp_path):
-    # one file per class folder: the label of a sample names its file
-    rng = np.random.default_rng(2)
+    # every file one flat grey level (lossless PNG): a crop's mean level names its file
     for i in range(11):
-        (tmp_path / f"c{i:02d}").mkdir()
-        _noise(rng, 40, 30).save(tmp_path / f"c{i:02d}" / "x.jpg")
-    cfg = _cfg(tmp_path, "dali")
+        Image.fromarray(np.full((30, 40, 3), 10 + 20 * i, np.uint8)).save(tmp_path / f"f{i:02d}.png")
 
-    def build():
-        return build_labeled_loader(cfg, image_size=SIZE, mean=MEAN, std=STD, batch_size=3, seed=5)
+    def files_of(batch):
+        return ((_unnormalise(batch).mean((1, 2, 3)) - 10) / 20).round().long()  # [B] file numbers
 
-    a = build()
+    a = _loader(tmp_path, "dali", batch_size=3, seed=5)
     for _ in range(5):
         next(a)
     state = a.state_dict()
-    expected = [next(a)[1] for _ in range(6)]
-    b = build()
+    expected = [files_of(next(a)) for _ in range(6)]
+    b = _loader(tmp_path, "dali", batch_size=3, seed=5)
     b.load_state_dict(state)
-    got = [next(b)[1] for _ in range(6)]
-    assert all(torch.equal(g, e) for g, e in zip(got, expected))
+    assert all(torch.equal(files_of(next(b)), e) for e in expected)
     # and DALI follows the torch loader's file order exactly
-    t = build_labeled_loader(_cfg(tmp_path, "torch"), image_size=SIZE, mean=MEAN, std=STD, batch_size=3, seed=5)
+    t = _loader(tmp_path, "torch", batch_size=3, seed=5)
     t.load_state_dict(state)
-    assert all(torch.equal(next(t)[1], e) for e in expected)
+    assert all(torch.equal(files_of(next(t)), e) for e in expected)
 
 
 # -- bad input --------------------------------------------------------------------------------------
@@ -291,31 +287,15 @@ def test_missing_empty_and_imageless_folders_name_the_path(tmp_path):
         _loader(tmp_path, "pillow")
 
 
-# -- labels, synthetic, summary ---------------------------------------------------------------------
-@pytest.mark.parametrize("kind", LOADERS)
-def test_labeled_loader_labels_come_from_subfolders(tmp_path, kind):
-    colours = {"bird": 0, "cat": 1, "dog": 2}  # folder -> label (sorted names)
-    for name, label in colours.items():
-        (tmp_path / name).mkdir()
-        for i in range(3):
-            value = np.full((30 + i, 41, 3), 40 + 80 * label, np.uint8)  # the class shows in the pixels
-            Image.fromarray(value).save(tmp_path / name / f"{i}.png")
-    cfg = _cfg(tmp_path, kind)
-    train = build_labeled_loader(cfg, image_size=SIZE, mean=MEAN, std=STD, batch_size=4, train=True)
-    assert train.files.classes == ["bird", "cat", "dog"]
-    for _ in range(4):
-        x, y = next(train)
-        assert x.shape == (4, 3, SIZE, SIZE) and y.dtype == torch.int64
-        grey = _unnormalise(x).mean((1, 2, 3))
-        assert torch.allclose(grey, 40 + 80 * y.float(), atol=2)
-    evaluation = build_labeled_loader(cfg, image_size=SIZE, mean=MEAN, std=STD, batch_size=4, train=False)
-    labels = torch.cat([y for _, y in evaluation])  # one finite pass, file order, last batch short
-    assert labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2] and len(evaluation) == 3
-
-
-def test_labeled_loader_needs_class_folders(mixed_dir):
+# -- labels (fine-tuning's loaders read them: tests/test_finetune_shards.py), synthetic, summary --------------
+def test_labelled_listing_needs_class_folders(mixed_dir, tmp_path):
     with pytest.raises(FDFastError, match="one subfolder per class"):
-        build_labeled_loader(_cfg(mixed_dir, "torch"), image_size=SIZE, mean=MEAN, std=STD, batch_size=2)
+        list_images(mixed_dir, labeled=True)
+    for name in ("dog", "bird", "cat"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (20, 17)).save(tmp_path / name / "x.png")
+    files = list_images(tmp_path, labeled=True)
+    assert files.classes == ["bird", "cat", "dog"] and files.labels == [0, 1, 2]  # sorted folder names
 
 
 def test_synthetic_loader_and_auto():

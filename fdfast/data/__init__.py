@@ -9,6 +9,8 @@ Augmentation (METHOD.md): RandomResizedCrop(S, scale=data.scale, ratio=data.rati
 data.path may also name WebDataset tar shards (``fdfast.data.shards``: brace patterns, "::" lists, a folder of
 .tar files): indexed once (cached), ordered by `ShardOrder` (the same rules, shard by shard), read by both loaders.
 Without data.path the loaders read the default named source (``fdfast.data.sources``, filled by plugins).
+Labelled images (class folders, or shards with .cls members: ``list_images`` / ``list_shards`` with labeled=True)
+are read by fine-tuning's own pipeline (``fdfast.finetune.data`` / ``fdfast.finetune.loader``).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from fdfast.config import Loader
 from fdfast.errors import FDFastError
 from fdfast.runtime import mix_seed
 
-__all__ = ["build_fd_loader", "build_labeled_loader", "write_summary", "resolve_loader", "list_images",
+__all__ = ["build_fd_loader", "write_summary", "resolve_loader", "list_images",
            "list_shards", "shard_paths", "FDLoader", "DEFAULT_SOURCE", "register_source", "source_dir",
            "source_names", "source_rows"]
 
@@ -55,35 +57,6 @@ def _data_path(data_cfg) -> str:
     return str(source_dir(DEFAULT_SOURCE))  # prepared by the plugin that registered it (the demo photos)
 
 
-def _build(data_cfg, *, image_size, mean, std, batch_size, device, rank, world_size, seed, labeled, train):
-    kind = resolve_loader(data_cfg.loader)
-    check_augmentation(image_size, mean, std, data_cfg.scale, data_cfg.ratio, data_cfg.hflip)
-    # data.seed and the run's seed both move the order; numpy seeds must be >= 0
-    order_seed = mix_seed(data_cfg.seed, seed)
-    if kind == "synthetic":
-        order = EpochOrder(SYNTHETIC_IMAGES, batch_size, seed=order_seed, rank=rank, world_size=world_size)
-        from fdfast.data.synthetic import SyntheticFDLoader
-        return SyntheticFDLoader(order, image_size=image_size, device=device, labeled=labeled, train=train)
-
-    path = _data_path(data_cfg)
-    shards = shard_paths(path)
-    place = dict(seed=order_seed, rank=rank, world_size=world_size, train=train)
-    if shards is not None:
-        files = list_shards(shards, labeled=labeled, check=data_cfg.check, cache_dir=data_cfg.cache_dir)
-        order = ShardOrder(files.starts, batch_size, **place)
-    else:
-        files = list_images(path, labeled=labeled, check=data_cfg.check, cache_dir=data_cfg.cache_dir)
-        order = EpochOrder(len(files), batch_size, **place)
-    common = dict(image_size=image_size, mean=tuple(mean), std=tuple(std), scale=tuple(data_cfg.scale),
-                  ratio=tuple(data_cfg.ratio), hflip=float(data_cfg.hflip), num_workers=int(data_cfg.num_workers),
-                  device=device, labeled=labeled, train=train)
-    if kind == "dali":
-        from fdfast.data.dali_loader import DaliFDLoader, DaliShardLoader
-        return (DaliFDLoader if shards is None else DaliShardLoader)(files, order, **common)
-    from fdfast.data.torch_loader import TorchFDLoader
-    return TorchFDLoader(files, order, **common)
-
-
 def build_fd_loader(data_cfg, *, image_size: int, mean: tuple, std: tuple, batch_size: int,
                     device: str = "cpu", rank: int = 0, world_size: int = 1, seed: int = 0) -> FDLoader:
     """An infinite iterator of augmented, normalised image batches (float32 [B, 3, S, S]) for FD.
@@ -91,18 +64,29 @@ def build_fd_loader(data_cfg, *, image_size: int, mean: tuple, std: tuple, batch
     DALI on "cuda*" devices decodes on the GPU ("mixed") and returns tensors on `device`; every other
     loader returns CPU tensors. ``loader.name`` says which loader runs ("auto" resolved).
     """
-    return _build(data_cfg, image_size=image_size, mean=mean, std=std, batch_size=batch_size, device=device,
-                  rank=rank, world_size=world_size, seed=seed, labeled=False, train=True)
+    kind = resolve_loader(data_cfg.loader)
+    check_augmentation(image_size, mean, std, data_cfg.scale, data_cfg.ratio, data_cfg.hflip)
+    # data.seed and the run's seed both move the order; numpy seeds must be >= 0
+    order_seed = mix_seed(data_cfg.seed, seed)
+    if kind == "synthetic":
+        order = EpochOrder(SYNTHETIC_IMAGES, batch_size, seed=order_seed, rank=rank, world_size=world_size)
+        from fdfast.data.synthetic import SyntheticFDLoader
+        return SyntheticFDLoader(order, image_size=image_size, device=device)
 
-
-def build_labeled_loader(data_cfg, *, image_size: int, mean: tuple, std: tuple, batch_size: int,
-                         device: str = "cpu", rank: int = 0, world_size: int = 1, seed: int = 0,
-                         train: bool = True) -> FDLoader:
-    """(images, labels int64 [B]) from class subfolders (label = sorted folder index, ``loader.files.classes``), or
-    from shards whose samples carry a .cls member (the class index; names from the shards' shards.json).
-
-    train=True: infinite, augmented like build_fd_loader. train=False: one pass in file order, resize
-    the short side to S / 0.875 + centre crop, the last batch may be short; ``len(loader)`` batches.
-    """
-    return _build(data_cfg, image_size=image_size, mean=mean, std=std, batch_size=batch_size, device=device,
-                  rank=rank, world_size=world_size, seed=seed, labeled=True, train=train)
+    path = _data_path(data_cfg)
+    shards = shard_paths(path)
+    place = dict(seed=order_seed, rank=rank, world_size=world_size)
+    if shards is not None:
+        files = list_shards(shards, check=data_cfg.check, cache_dir=data_cfg.cache_dir)
+        order = ShardOrder(files.starts, batch_size, **place)
+    else:
+        files = list_images(path, check=data_cfg.check, cache_dir=data_cfg.cache_dir)
+        order = EpochOrder(len(files), batch_size, **place)
+    common = dict(image_size=image_size, mean=tuple(mean), std=tuple(std), scale=tuple(data_cfg.scale),
+                  ratio=tuple(data_cfg.ratio), hflip=float(data_cfg.hflip), num_workers=int(data_cfg.num_workers),
+                  device=device)
+    if kind == "dali":
+        from fdfast.data.dali_loader import DaliFDLoader, DaliShardLoader
+        return (DaliFDLoader if shards is None else DaliShardLoader)(files, order, **common)
+    from fdfast.data.torch_loader import TorchFDLoader
+    return TorchFDLoader(files, order, **common)

@@ -12,21 +12,17 @@ from fdfast.io import atomic_write_json
 
 log = logging.getLogger("fdfast.data")
 
-EVAL_CROP_PCT = 0.875  # evaluation: resize the short side to size / 0.875, centre crop (timm's default)
-
-
 class FDLoader:
     """Base: yields batches at positions (epoch, batch) of an `EpochOrder`; subclasses make the batches.
 
-    ``next(loader)`` -> float32 [B, 3, H, W] (or (images, labels [B] int64) for labeled loaders).
-    A training loader never ends (it moves on to the next, reshuffled epoch); an evaluation loader
-    (``train=False``) makes one pass in file order and stops.
+    ``next(loader)`` -> float32 [B, 3, H, W] (FD's loaders), or (images, labels [B] int64) for a labeled loader
+    (fine-tuning's ``fdfast.finetune.loader.LabelledLoader``). It never ends: after the last batch of an epoch it
+    moves on to the next, reshuffled epoch.
     """
     name = "base"
 
-    def __init__(self, files: FileList | None, order: EpochOrder, *, labeled: bool = False, train: bool = True):
-        self.files, self.order = files, order
-        self.labeled, self.train = labeled, train
+    def __init__(self, files: FileList | None, order: EpochOrder, *, labeled: bool = False):
+        self.files, self.order, self.labeled = files, order, labeled
         self.epoch, self.batch = 0, 0  # position of the NEXT batch handed out
         self.images_seen = 0  # in this process (a resumed run starts again at 0)
         self._bad: dict[str, None] = dict.fromkeys(files.bad if files else [])  # ordered set of bad paths
@@ -36,8 +32,6 @@ class FDLoader:
         return self
 
     def __next__(self):
-        if not self.train and self.epoch > 0:
-            raise StopIteration
         out = self._next_batch()
         images = out[0] if self.labeled else out
         self.images_seen += images.shape[0]

@@ -29,7 +29,7 @@ import weakref
 import numpy as np
 import torch
 
-from fdfast.data.base import EVAL_CROP_PCT, FDLoader, sample_crop
+from fdfast.data.base import FDLoader, sample_crop
 from fdfast.data.files import EpochOrder, FileList, decodes
 from fdfast.errors import FDFastError
 from fdfast.signals import stop_signals_blocked
@@ -38,8 +38,8 @@ PREFETCH = 2  # batches DALI prepares ahead
 
 
 class _BatchSource:
-    """DALI external source: each call returns the next batch in EpochOrder: file bytes, labels and (training)
-    crop anchors (x, y), crop shapes (w, h) in pixels and flips."""
+    """DALI external source: each call returns the next batch in EpochOrder: file bytes, crop anchors (x, y), crop
+    shapes (w, h) in pixels and flips."""
 
     def __init__(self, loader: "DaliFDLoader"):
         # weak: the pipeline holds this source, the loader holds the pipeline; no cycle keeps DALI alive
@@ -49,31 +49,22 @@ class _BatchSource:
 
     def __call__(self):
         ld = self.loader
-        epoch, batch = next(self.positions)
-        if not ld.train and epoch > 0:
-            raise StopIteration
-        index, seeds = ld.order.batch(epoch, batch)
-        encoded, labels, anchors, shapes, flips, used = [], [], [], [], [], []
-        for i, seed in zip(index, seeds):
+        index, seeds = ld.order.batch(*next(self.positions))
+        encoded, used = [], []
+        for i in index:
             i, data, header = ld.read(int(i))
             encoded.append(data)
-            labels.append(np.array(ld.files.labels[i], dtype=np.int64))
-            used.append(i)
-            if ld.train:
-                top, left, h, w, flip = sample_crop(*header.size, seed, ld.scale, ld.ratio, ld.hflip)
-                anchors.append(np.array([left, top], dtype=np.float32))
-                shapes.append(np.array([w, h], dtype=np.float32))
-                flips.append(np.array(flip, dtype=np.int32))
-        self.in_flight.append(used)
-        return (encoded, labels, anchors, shapes, flips) if ld.train else (encoded, labels)
+            used.append((i, header.size))
+        self.in_flight.append([i for i, _ in used])
+        return (encoded, *_crop_inputs([size for _, size in used], seeds, ld))
 
 
 class DaliFDLoader(FDLoader):
     name = "dali"
 
     def __init__(self, files: FileList, order: EpochOrder, *, image_size: int, mean, std, scale, ratio,
-                 hflip: float, num_workers: int, device: str = "cpu", labeled: bool = False, train: bool = True):
-        super().__init__(files, order, labeled=labeled, train=train)
+                 hflip: float, num_workers: int, device: str = "cpu"):
+        super().__init__(files, order)
         self.size, self.scale, self.ratio, self.hflip = image_size, scale, ratio, hflip
         self.mean255 = [float(m) * 255 for m in mean]  # DALI normalises the 0-255 pixels
         self.std255 = [float(s) * 255 for s in std]
@@ -118,25 +109,16 @@ class DaliFDLoader(FDLoader):
         @pipeline_def(batch_size=self.order.batch_size, num_threads=self.num_threads,
                       device_id=self._device_id(), prefetch_queue_depth=PREFETCH)
         def pipeline():  # no DALI randomness: crops and flips come with the batch (_BatchSource)
-            if self.train:
-                encoded, labels, anchor, shape, mirror = self._inputs()
-                # RandomResizedCrop: decode only the window, then resize it to S x S
-                images = fn.decoders.image_slice(encoded, anchor, shape, device=decoder_device,
-                                                 output_type=types.RGB, axis_names="WH", normalized_anchor=False,
-                                                 normalized_shape=False, adjust_orientation=False)
-                images = fn.resize(images, resize_x=self.size, resize_y=self.size, antialias=True,
-                                   interp_type=types.INTERP_LINEAR)
-            else:
-                encoded, labels = self._inputs()
-                images = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB,
-                                           adjust_orientation=False)
-                images = fn.resize(images, resize_shorter=int(self.size / EVAL_CROP_PCT), antialias=True,
-                                   interp_type=types.INTERP_LINEAR)
-                mirror = 0
-            images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
-                                              crop=(self.size, self.size), mean=self.mean255, std=self.std255,
-                                              mirror=mirror)  # float32 [B, 3, S, S]
-            return images, labels.gpu() if self.gpu else labels
+            encoded, anchor, shape, mirror = self._inputs()
+            # RandomResizedCrop: decode only the window, then resize it to S x S
+            images = fn.decoders.image_slice(encoded, anchor, shape, device=decoder_device,
+                                             output_type=types.RGB, axis_names="WH", normalized_anchor=False,
+                                             normalized_shape=False, adjust_orientation=False)
+            images = fn.resize(images, resize_x=self.size, resize_y=self.size, antialias=True,
+                               interp_type=types.INTERP_LINEAR)
+            return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
+                                            crop=(self.size, self.size), mean=self.mean255, std=self.std255,
+                                            mirror=mirror)  # float32 [B, 3, S, S]
 
         self.source = self._make_source()
         with stop_signals_blocked():  # DALI's threads keep SIGINT / SIGTERM blocked: the main thread gets them
@@ -148,10 +130,10 @@ class DaliFDLoader(FDLoader):
         return _BatchSource(self)
 
     def _inputs(self) -> list:
-        """DALI nodes (encoded bytes, labels, crop anchors, crop shapes, flips); evaluation: (encoded, labels)."""
+        """DALI nodes (encoded bytes, crop anchors, crop shapes, flips)."""
         from nvidia.dali import fn
-        dtypes = _SOURCE_TYPES[:5 if self.train else 2]
-        return fn.external_source(source=self.source, num_outputs=len(dtypes), batch=True, dtype=_dali_types(dtypes))
+        return fn.external_source(source=self.source, num_outputs=len(_SOURCE_TYPES), batch=True,
+                                  dtype=_dali_types(_SOURCE_TYPES))
 
     def _device_id(self) -> int | None:
         if not self.gpu:
@@ -167,17 +149,14 @@ class DaliFDLoader(FDLoader):
             if self.pipe is None:
                 self._restart()
             try:
-                images, labels = self.pipe.run()
+                (images,) = self.pipe.run()
                 break
-            except StopIteration:
-                raise
             except RuntimeError as e:
                 self._recover(e)
         else:
             raise FDFastError(f"DALI kept failing to decode images under {str(self.files.root)!r}")
         self._handed_out()
-        images, labels = _to_torch(images, self.device), _to_torch(labels, self.device)
-        return (images, labels.view(-1)) if self.labeled else images
+        return _to_torch(images, self.device)
 
     def _handed_out(self) -> None:
         self.source.in_flight.popleft()
@@ -213,7 +192,7 @@ class DaliFDLoader(FDLoader):
 
 class _ShardSource:
     """External source beside DALI's WebDataset reader: for the plan's samples, in the order the reader reads
-    them (cyclically, as the reader wraps around), labels and (training) crop anchors, shapes and flips."""
+    them (cyclically, as the reader wraps around), crop anchors, shapes and flips."""
 
     def __init__(self, loader: "DaliShardLoader", ids: np.ndarray, seeds: np.ndarray):
         self.loader = weakref.proxy(loader)
@@ -227,18 +206,21 @@ class _ShardSource:
 
     def __call__(self):
         ld = self.loader
-        labels, anchors, shapes, flips = [], [], [], []
-        for p in self.positions(self.calls, 1):
-            i = int(self.ids[p])
-            labels.append(np.array(ld.files.labels[i], dtype=np.int64))
-            if ld.train:
-                width, height = ld.files.dims[i]
-                top, left, h, w, flip = sample_crop(width, height, self.seeds[p], ld.scale, ld.ratio, ld.hflip)
-                anchors.append(np.array([left, top], dtype=np.float32))
-                shapes.append(np.array([w, h], dtype=np.float32))
-                flips.append(np.array(flip, dtype=np.int32))
+        positions = self.positions(self.calls, 1)
         self.calls += 1
-        return (labels, anchors, shapes, flips) if ld.train else (labels,)
+        return _crop_inputs([tuple(ld.files.dims[int(self.ids[p])]) for p in positions], self.seeds[positions], ld)
+
+
+def _crop_inputs(sizes, seeds, loader) -> tuple[list, list, list]:
+    """Per sample of (width, height) and seed: its crop anchor (x, y), crop shape (w, h) in pixels and flip, as DALI's
+    external source takes them (`base.sample_crop`: the torch path's windows)."""
+    anchors, shapes, flips = [], [], []
+    for (width, height), seed in zip(sizes, seeds):
+        top, left, h, w, flip = sample_crop(width, height, seed, loader.scale, loader.ratio, loader.hflip)
+        anchors.append(np.array([left, top], dtype=np.float32))
+        shapes.append(np.array([w, h], dtype=np.float32))
+        flips.append(np.array(flip, dtype=np.int32))
+    return anchors, shapes, flips
 
 
 class DaliShardLoader(DaliFDLoader):
@@ -285,23 +267,18 @@ class DaliShardLoader(DaliFDLoader):
         from nvidia.dali import fn
         exts = sorted({self.files.exts[int(i)] for i in self.plan_ids})
         # the reader's order is the index files' order; every listed sample has its image: "error" keeps the reader
-        # and the external source aligned (skipping a sample would shift every label and crop after it)
+        # and the external source aligned (skipping a sample would shift every crop after it)
         encoded = fn.readers.webdataset(paths=self.plan_paths, index_paths=self.plan_indexes, ext=[";".join(exts)],
                                         random_shuffle=False, missing_component_behavior="error",
                                         case_sensitive_extensions=False, name="shards")
-        dtypes = _SOURCE_TYPES[1:5 if self.train else 2]
+        dtypes = _SOURCE_TYPES[1:]
         rest = fn.external_source(source=self.source, num_outputs=len(dtypes), batch=True, dtype=_dali_types(dtypes))
         return [encoded, *rest]
 
     def _next_batch(self):
         if self.plan_epoch != self.epoch:
             self.pipe = None  # a new epoch: a new plan
-        out = super()._next_batch()
-        # evaluation: the reader filled the short last batch from the plan's start; drop those
-        real = min(self.order.batch_size, len(self.plan_ids) - (self.consumed - 1) * self.order.batch_size)
-        if real < self.order.batch_size:
-            out = (out[0][:real], out[1][:real]) if self.labeled else out[:real]
-        return out
+        return super()._next_batch()
 
     def _handed_out(self) -> None:
         self.consumed += 1
@@ -318,7 +295,7 @@ class DaliShardLoader(DaliFDLoader):
             self.plan_dir = None
 
 
-_SOURCE_TYPES = ("UINT8", "INT64", "FLOAT", "FLOAT", "INT32")  # encoded, labels, anchors, shapes, flips
+_SOURCE_TYPES = ("UINT8", "FLOAT", "FLOAT", "INT32")  # encoded, anchors, shapes, flips
 
 
 def _dali_types(names) -> list:
@@ -339,4 +316,4 @@ def _to_torch(batch, device: torch.device) -> torch.Tensor:
 
 def _torch_dtype(tensor) -> torch.dtype:
     from nvidia.dali import types
-    return {types.FLOAT: torch.float32, types.INT64: torch.int64, types.UINT8: torch.uint8}[tensor.dtype]
+    return {types.FLOAT: torch.float32, types.UINT8: torch.uint8}[tensor.dtype]

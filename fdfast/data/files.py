@@ -10,6 +10,7 @@ is padded by wrapping around to its own first files, so every batch is full and 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -53,6 +54,17 @@ class FileList:
         """The encoded bytes of sample i (OSError when the file vanished)."""
         with open(self.paths[i], "rb") as f:
             return f.read()
+
+    def subset(self, index) -> "FileList":
+        """The samples ``index`` (ascending positions), as a list of the same kind; ``bad`` stays the whole set's.
+
+        What fine-tuning takes per class (low-shot runs) and per rank (each rank's part of the val split).
+        """
+        return dataclasses.replace(self, **self._taken(np.asarray(index, dtype=np.int64)))
+
+    def _taken(self, index: np.ndarray) -> dict:
+        """The per-sample fields at ``index`` (a subclass adds its own columns)."""
+        return dict(paths=[self.paths[i] for i in index], labels=[self.labels[i] for i in index])
 
 
 def list_images(path: str | Path, *, labeled: bool = False, check: str = "fast",
@@ -281,12 +293,10 @@ class EpochOrder:
     """Which file (and per-sample seed) each batch of this rank holds, for every epoch.
 
     Pure function of (seed, epoch, rank, world_size, batch_size, n_files): the same on every loader,
-    every process and after a resume. train=False (evaluation): files in list order, rank r takes
-    r, r + world_size, ...; nothing dropped or padded, so the last batch may be short.
+    every process and after a resume.
     """
 
-    def __init__(self, n_files: int, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1,
-                 train: bool = True):
+    def __init__(self, n_files: int, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1):
         if not 0 <= rank < world_size:
             raise FDFastError(f"rank {rank} is outside world_size {world_size}")
         if n_files < world_size:
@@ -294,10 +304,9 @@ class EpochOrder:
                               f"add images or use fewer ranks")
         if batch_size < 1:
             raise FDFastError(f"data batch_size must be >= 1, got {batch_size}")
-        self.n_files, self.batch_size, self.train = n_files, batch_size, train
+        self.n_files, self.batch_size = n_files, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        # files per rank per epoch: training drops the remainder, evaluation keeps every file
-        self.shard_len = n_files // world_size if train else len(range(rank, n_files, world_size))
+        self.shard_len = n_files // world_size  # files per rank per epoch (the remainder dropped, a new one each epoch)
         self.batches_per_epoch = -(-self.shard_len // batch_size)
         self._cached: tuple[int, np.ndarray, np.ndarray] | None = None
 
@@ -305,10 +314,6 @@ class EpochOrder:
         """(file indices, sample seeds) of this rank for one epoch, each [batches_per_epoch * batch_size]."""
         if self._cached is not None and self._cached[0] == epoch:
             return self._cached[1], self._cached[2]
-        if not self.train:
-            index = self._eval_part()
-            self._cached = (epoch, index, np.zeros_like(index))
-            return index, self._cached[2]
         rng = np.random.default_rng([self.seed, epoch])
         sequence = self._sequence(rng)  # [n_files]: the epoch's order of the whole data set
         seeds = rng.integers(0, 2**31 - 1, size=self.n_files)  # per global position, so ranks differ
@@ -329,10 +334,6 @@ class EpochOrder:
     def _rank_part(self, x: np.ndarray) -> np.ndarray:
         """This rank's positions of an epoch sequence: every world_size-th from position rank (the rest dropped)."""
         return x[self.rank:self.shard_len * self.world_size:self.world_size]
-
-    def _eval_part(self) -> np.ndarray:
-        """This rank's files in evaluation: list order, every world_size-th from rank."""
-        return np.arange(self.rank, self.n_files, self.world_size)
 
     def batch(self, epoch: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
         index, seeds = self.epoch(epoch)

@@ -21,6 +21,8 @@ and the samples of each shard in a fresh order; rank r reads the r-th contiguous
 disjoint and equal, the remainder dropped, a short last batch padded from the rank's own samples, as
 `EpochOrder` does for folders). Reads stay within one or two shards at a time, which is what shards are for;
 batches mix samples of a shard, so write shards from shuffled data (``fdfast shards`` shuffles by default).
+Fine-tuning reads labelled shards (``list_shards(labeled=True)``) in the same shard-by-shard sequence, dealt to
+ranks like a folder's (``fdfast.finetune.loader``).
 """
 from __future__ import annotations
 
@@ -266,6 +268,15 @@ class ShardList(FileList):
     def source(self, i: int):
         return io.BytesIO(self.read(i))
 
+    def _taken(self, index: np.ndarray) -> dict:
+        # ascending positions keep each shard's samples together and in member order: shard t's new run is where
+        # its old bounds fall among the kept positions
+        if (np.diff(index) <= 0).any():
+            raise FDFastError("a subset of a shard list takes ascending sample positions")
+        return dict(super()._taken(index), offsets=self.offsets[index], sizes=self.sizes[index],
+                    exts=[self.exts[i] for i in index], dims=self.dims[index],
+                    starts=np.searchsorted(index, self.starts).astype(np.int64))
+
     def _handle(self, t: int) -> int:
         if self._pid != os.getpid():  # a forked worker: its own handles, closed by its own LRU
             self._handles = collections.OrderedDict()
@@ -343,16 +354,15 @@ def _class_names(paths: list[str], n_classes: int) -> list[str]:
 
 class ShardOrder(EpochOrder):
     """`EpochOrder` over shards: per epoch, shards in a seeded order and each shard's samples in a seeded order;
-    rank r takes the r-th contiguous part (evaluation: stored order, contiguous parts, nothing dropped).
+    rank r takes the r-th contiguous part.
 
     The same interface and rules as EpochOrder (disjoint equal parts, padding, per-position seeds, pure function
     of (seed, epoch, rank, world_size, batch_size, shard sizes)), so both loaders and resume work unchanged.
     """
 
-    def __init__(self, starts: np.ndarray, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1,
-                 train: bool = True):
+    def __init__(self, starts: np.ndarray, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1):
         self.starts = np.asarray(starts, dtype=np.int64)
-        super().__init__(int(self.starts[-1]), batch_size, seed=seed, rank=rank, world_size=world_size, train=train)
+        super().__init__(int(self.starts[-1]), batch_size, seed=seed, rank=rank, world_size=world_size)
 
     def _sequence(self, rng: np.random.Generator) -> np.ndarray:
         shards = rng.permutation(len(self.starts) - 1)
@@ -361,12 +371,6 @@ class ShardOrder(EpochOrder):
 
     def _rank_part(self, x: np.ndarray) -> np.ndarray:
         return x[self.rank * self.shard_len:(self.rank + 1) * self.shard_len]
-
-    def _eval_part(self) -> np.ndarray:
-        # the first (n mod world) ranks take one more sample: the same part sizes as EpochOrder's evaluation
-        base, extra = divmod(self.n_files, self.world_size)
-        start = self.rank * base + min(self.rank, extra)
-        return np.arange(start, start + self.shard_len)
 
 
 def dali_index_runs(files: ShardList, ids: np.ndarray) -> list[tuple[str, str]]:

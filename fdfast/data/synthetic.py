@@ -13,15 +13,13 @@ POOL = 4  # distinct batches cycled through (making fresh noise every step would
 class SyntheticFDLoader(FDLoader):
     name = "synthetic"
 
-    def __init__(self, order: EpochOrder, *, image_size: int, device: str = "cpu", num_classes: int = 10,
-                 labeled: bool = False, train: bool = True):
-        super().__init__(None, order, labeled=labeled, train=train)
+    def __init__(self, order: EpochOrder, *, image_size: int, device: str = "cpu"):
+        super().__init__(None, order)
         g = torch.Generator().manual_seed(mix_seed(order.seed, order.rank))
         shape = (POOL, order.batch_size, 3, image_size, image_size)
         # Normalised images are roughly standard normal: [POOL, B, 3, S, S]
         self.pool = torch.randn(shape, generator=g).to(device)
-        self.pool_labels = torch.randint(num_classes, (POOL, order.batch_size), generator=g).to(device)
 
     def _next_batch(self):
         k = (self.epoch * self.order.batches_per_epoch + self.batch) % POOL
-        return (self.pool[k], self.pool_labels[k]) if self.labeled else self.pool[k]
+        return self.pool[k]

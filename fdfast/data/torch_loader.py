@@ -16,7 +16,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from fdfast.data.base import EVAL_CROP_PCT, FDLoader, normalizer, sample_crop
+from fdfast.data.base import FDLoader, normalizer, sample_crop
 from fdfast.data.files import EpochOrder, FileList, load_rgb
 from fdfast.errors import FDFastError
 from fdfast.signals import ignore_stop_signals, start_forkserver, stop_signals_blocked
@@ -42,11 +42,11 @@ def _worker_context():
 
 
 class CropDataset(torch.utils.data.Dataset):
-    """Item (file index, sample seed) -> (uint8 [3, S, S] crop, label, [paths that failed to decode])."""
+    """Item (file index, sample seed) -> (uint8 [3, S, S] crop, [paths that failed to decode])."""
 
-    def __init__(self, files: FileList, image_size: int, scale, ratio, hflip: float, train: bool):
-        self.files, self.labels = files, files.labels
-        self.size, self.scale, self.ratio, self.hflip, self.train = image_size, scale, ratio, hflip, train
+    def __init__(self, files: FileList, image_size: int, scale, ratio, hflip: float):
+        self.files = files
+        self.size, self.scale, self.ratio, self.hflip = image_size, scale, ratio, hflip
 
     def __len__(self) -> int:
         return len(self.files)
@@ -62,14 +62,11 @@ class CropDataset(torch.utils.data.Dataset):
             except Exception:  # noqa: BLE001 - any decode failure means "skip this file"
                 failed.append(self.files.paths[i])
                 continue
-            return TF.pil_to_tensor(self._augment(img, seed)), self.labels[i], failed
+            return TF.pil_to_tensor(self._augment(img, seed)), failed
         raise FDFastError(f"{len(failed)} image files in a row failed to decode, e.g. {failed[0]!r}; the data "
                           f"looks damaged: replace it, or find every bad file at start with data.check=full")
 
     def _augment(self, img: Image.Image, seed: int) -> Image.Image:
-        if not self.train:
-            img = TF.resize(img, int(self.size / EVAL_CROP_PCT), InterpolationMode.BILINEAR, antialias=True)
-            return TF.center_crop(img, [self.size, self.size])
         top, left, h, w, flip = sample_crop(img.width, img.height, seed, self.scale, self.ratio, self.hflip)
         img = TF.resized_crop(img, top, left, h, w, [self.size, self.size], InterpolationMode.BILINEAR,
                               antialias=True)
@@ -77,8 +74,8 @@ class CropDataset(torch.utils.data.Dataset):
 
 
 def _collate(items):
-    crops, labels, failed = zip(*items)
-    return torch.stack(crops), torch.tensor(labels, dtype=torch.int64), [p for f in failed for p in f]
+    crops, failed = zip(*items)
+    return torch.stack(crops), [p for f in failed for p in f]
 
 
 class _BatchSampler:
@@ -89,8 +86,6 @@ class _BatchSampler:
 
     def __iter__(self):
         for epoch, batch in self.order.positions(self.epoch, self.batch):
-            if not self.order.train and epoch > 0:
-                return
             index, seeds = self.order.batch(epoch, batch)
             yield [(int(i), int(s)) for i, s in zip(index, seeds)]
 
@@ -105,9 +100,9 @@ class TorchFDLoader(FDLoader):
     name = "torch"
 
     def __init__(self, files: FileList, order: EpochOrder, *, image_size: int, mean, std, scale, ratio,
-                 hflip: float, num_workers: int, device: str = "cpu", labeled: bool = False, train: bool = True):
-        super().__init__(files, order, labeled=labeled, train=train)
-        self.dataset = CropDataset(files, image_size, scale, ratio, hflip, train)
+                 hflip: float, num_workers: int, device: str = "cpu"):
+        super().__init__(files, order)
+        self.dataset = CropDataset(files, image_size, scale, ratio, hflip)
         self.num_workers = num_workers
         self.pin = str(device).startswith("cuda")
         self.mean255, self.std255 = normalizer(mean, std, "cpu")
@@ -129,13 +124,12 @@ class TorchFDLoader(FDLoader):
         if self._iter is None:
             self._restart()
         try:
-            crops, labels, failed = next(self._iter)  # uint8 [B, 3, S, S]
+            crops, failed = next(self._iter)  # uint8 [B, 3, S, S]
         except FDFastError as e:  # from a worker: torch puts the worker's traceback into the message
             raise FDFastError(_worker_message(str(e))) from None
         if failed:
             self._note_bad(failed)
-        images = crops.float().sub_(self.mean255).div_(self.std255)  # float32 [B, 3, S, S], normalised
-        return (images, labels) if self.labeled else images
+        return crops.float().sub_(self.mean255).div_(self.std255)  # float32 [B, 3, S, S], normalised
 
     def close(self) -> None:
         # Dropping the iterator shuts its worker processes down.

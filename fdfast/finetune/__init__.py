@@ -46,8 +46,10 @@ def register(subparsers) -> None:
                                           "fine-tune recipe (ft_*). Without --data: the demo-labelled set.")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("recipe", nargs="?", default="ft_demo", help="fine-tune recipe name or YAML path (default: ft_demo)")
-    p.add_argument("--data", help="class-subfolder training set, or a folder holding train/ and val/")
-    p.add_argument("--val", help="class-subfolder validation set (default: DATA/val)")
+    p.add_argument("--data", help="training set: class subfolders or labelled tar shards (`fdfast shards`: "
+                                  "'DIR/train-{000000..000127}.tar', '::' lists, a folder of .tar), or a folder "
+                                  "holding train/ and val/")
+    p.add_argument("--val", help="validation set, class subfolders or labelled shards (default: DATA/val)")
     p.add_argument("--out", help="run directory (default: runs/ft-<recipe>)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)

@@ -1,10 +1,14 @@
-"""Labelled images for fine-tuning and evaluation: class-folder splits, timm transforms, a resumable epoch order.
+"""Labelled images for fine-tuning and evaluation: class-folder or WebDataset-shard splits, timm transforms.
+
+A split is a folder of class subfolders (label = sorted folder index) or labelled tar shards (``fdfast shards``:
+a .cls member per sample, class names in shards.json; any spec ``fdfast.data.shards.shard_paths`` reads); both
+are listed and checked once (cached), unreadable files / members skipped and counted.
 
 Train: RandomResizedCrop + flip + RandAugment + normalise + random erasing (timm ``create_transform``); eval:
 resize + centre crop + normalise. Both normalise with the MODEL's own mean/std (the published FD code trains
-and evaluates with different ones; METHOD.md lists that as a pitfall). The epoch order and every sample's
-augmentation are pure functions of (data.seed, epoch, sample), so a run resumed at an epoch boundary sees the
-very images an uninterrupted run sees.
+and evaluates with different ones; METHOD.md lists that as a pitfall). Every sample's augmentation is a pure
+function of its seed (drawn by the epoch order, ``fdfast.finetune.loader``), so a resumed run sees the very images
+an uninterrupted run sees.
 """
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fdfast.data.files import EpochOrder, FileList, list_images, load_rgb
+from fdfast.data.files import FileList, list_images, load_rgb
+from fdfast.data.shards import list_shards, shard_paths
 from fdfast.errors import FDFastError
 
 LABELLED_SOURCE = "demo-labelled"  # data source of the demo plugin: ImageFolder with train/ and val/
@@ -30,31 +35,46 @@ class Splits:
     root: str
 
 
-def resolve_split_dirs(path: str | None, val_path: str | None) -> tuple[Path, Path]:
-    """(train dir, val dir): PATH + VAL, or PATH/train + PATH/val, or the demo-labelled set when PATH is None."""
+def resolve_split_dirs(path: str | None, val_path: str | None) -> tuple[str, str]:
+    """(train, val): PATH + VAL, or PATH/train + PATH/val, or the demo-labelled set when PATH is None. Each is a
+    class folder or a shard spec; a spec naming a missing shard fails here, in one line."""
     if path is None:
         if val_path is not None:
             raise FDFastError("--val needs --data: give the training folder too")
         from fdfast.data.sources import source_dir
         path = str(source_dir(LABELLED_SOURCE))
+    if shard_paths(path) is not None:
+        if val_path is None:
+            raise FDFastError(f"--data {path!r} names training shards; pass the validation split with --val "
+                              f"(shards written with `fdfast shards VAL_FOLDER --classes TRAIN/shards.json`, or a "
+                              f"class folder)")
+        return path, val_path
     root = Path(path).expanduser()
     if not root.is_dir():
-        raise FDFastError(f"--data {str(root)!r} is not a folder; pass a folder of class subfolders (with --val) "
-                          f"or one holding train/ and val/")
+        raise FDFastError(f"--data {str(root)!r} is not a folder; pass a folder of class subfolders or labelled .tar "
+                          f"shards (with --val), or a folder holding train/ and val/")
     if val_path is not None:
-        return root, Path(val_path).expanduser()
+        return str(root), val_path
     if (root / "train").is_dir() and (root / "val").is_dir():
-        return root / "train", root / "val"
+        return str(root / "train"), str(root / "val")
     raise FDFastError(f"--data {str(root)!r} has no train/ and val/ subfolders; pass the validation folder with "
                       f"--val DIR (class subfolders, the same class names)")
 
 
-def load_splits(path: str | None, val_path: str | None, check: str = "fast", train_per_class: int = 0,
+def list_labelled(spec: str, check: str = "fast") -> FileList:
+    """One split: labelled shards when ``spec`` names .tar shards, else a folder of class subfolders."""
+    shards = shard_paths(spec)
+    if shards is not None:
+        return list_shards(shards, labeled=True, check=check)
+    return list_images(spec, labeled=True, check=check)
+
+
+def load_splits(path: str | None, val_path: str | None = None, check: str = "fast", train_per_class: int = 0,
                 val_per_class: int = 0) -> Splits:
     """Both splits listed and checked; val classes must all exist in train (labels follow train's order)."""
     train_dir, val_dir = resolve_split_dirs(path, val_path)
-    train = list_images(train_dir, labeled=True, check=check)
-    val = list_images(val_dir, labeled=True, check=check)
+    train = list_labelled(train_dir, check)
+    val = list_labelled(val_dir, check)
     unknown = sorted(set(val.classes) - set(train.classes))
     if unknown:
         raise FDFastError(f"validation classes {unknown[:5]} of {str(val_dir)!r} are missing from the training set "
@@ -66,17 +86,17 @@ def load_splits(path: str | None, val_path: str | None, check: str = "fast", tra
         train = _first_per_class(train, train_per_class)
     if val_per_class:
         val = _first_per_class(val, val_per_class)
-    return Splits(train, val, list(train.classes), str(train_dir.parent))
+    return Splits(train, val, list(train.classes), str(train.root.parent))
 
 
 def _first_per_class(files: FileList, n: int) -> FileList:
+    """The first ``n`` samples of each class, in the split's stored order (sorted paths; a shard set's member order)."""
     keep, seen = [], {}
     for i, label in enumerate(files.labels):
         if seen.get(label, 0) < n:
             keep.append(i)
             seen[label] = seen.get(label, 0) + 1
-    return FileList(files.root, [files.paths[i] for i in keep], [files.labels[i] for i in keep], files.classes,
-                    files.bad)
+    return files.subset(keep)
 
 
 def build_transforms(data_cfg, img_size: int, mean: tuple, std: tuple):
@@ -134,24 +154,14 @@ class LabelledImages(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         index, seed = item if isinstance(item, tuple) else (item, 0)
-        path = self.files.paths[index]
-        try:
-            img = load_rgb(path)  # the decode every fdfast reader shares (16-bit grey scaled, not clipped)
+        try:  # a file's path, or a shard member's bytes; the decode every fdfast reader shares (16-bit grey scaled)
+            img = load_rgb(self.files.source(index))
         except OSError as e:
-            raise FDFastError(f"cannot read image {path}: {e}; remove it from the data folder") from None
+            raise FDFastError(f"cannot read image {self.files.paths[index]}: {e}; remove it from the data (or "
+                              f"check every image at start with data.check=full)") from None
         with seeded(int(seed)):
             x = self.transform(img)
         return x, self.files.labels[index]
-
-
-def train_loader(files: FileList, transform, batch_size: int, epoch: int, seed: int, num_workers: int):
-    """One epoch of full, shuffled batches (the last wraps around: EpochOrder's rule) with per-sample seeds."""
-    order = EpochOrder(len(files), batch_size, seed=seed, train=True)
-    index, seeds = order.epoch(epoch)
-    batches = [list(zip(index[i:i + batch_size].tolist(), seeds[i:i + batch_size].tolist()))
-               for i in range(0, len(index), batch_size)]
-    return torch.utils.data.DataLoader(LabelledImages(files, transform), batch_sampler=batches,
-                                       num_workers=num_workers, persistent_workers=False)
 
 
 def eval_loader(files: FileList, transform, batch_size: int, num_workers: int):

@@ -8,6 +8,10 @@ sees the same images whatever the split into ranks and micro-batches: 2 ranks x 
 micro-batches of 4 (each rank takes every world_size-th image of the epoch's permutation). Every sample is
 augmented from its own seed (drawn per position of the permutation), so batches depend neither on the number of
 DataLoader workers nor on where a run was interrupted.
+
+A shard set (``fdfast.data.shards.ShardList``) is ordered like FD's shards (``ShardOrder``: each epoch the shards in a
+seeded order, each shard's samples in a seeded order, so reads stay within a shard or two), dealt to ranks by the
+same every-world_size-th rule, so the guarantees above hold for shards too.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import torch
 
 from fdfast.data.base import FDLoader
 from fdfast.data.files import EpochOrder, FileList, positions
+from fdfast.data.shards import ShardList, ShardOrder
 from fdfast.finetune.data import LabelledImages
 from fdfast.signals import ignore_stop_signals, stop_signals_blocked
 
@@ -29,7 +34,7 @@ class MicroBatches:
         self.order, self.accum = order, accum
         self.batch_size = order.batch_size // accum  # images per micro-batch
         self.batches_per_epoch = order.batches_per_epoch * accum
-        self.seed, self.world_size, self.n_files, self.train = order.seed, order.world_size, order.n_files, True
+        self.seed, self.world_size, self.n_files = order.seed, order.world_size, order.n_files
 
     def batch(self, epoch: int, micro: int):
         index, seeds = self.order.epoch(epoch)
@@ -38,6 +43,20 @@ class MicroBatches:
 
     def positions(self, epoch: int = 0, batch: int = 0):
         return positions(self.batches_per_epoch, epoch, batch)
+
+
+class ShardSteps(ShardOrder):
+    """`ShardOrder`'s epoch sequence (shard by shard) dealt to ranks as `EpochOrder` deals a folder's: rank r takes
+    every world_size-th position from r, so a step's images are the same whatever the split into ranks and
+    micro-batches (FD's contiguous parts would give each rank other images)."""
+    _rank_part = EpochOrder._rank_part
+
+
+def step_order(files: FileList, step_batch: int, **place) -> EpochOrder:
+    """The order of optimizer-step batches over ``files``: `ShardSteps` for a shard set, else `EpochOrder`."""
+    if isinstance(files, ShardList):
+        return ShardSteps(files.starts, step_batch, **place)
+    return EpochOrder(len(files), step_batch, **place)
 
 
 def _own_generator() -> torch.Generator:
@@ -61,8 +80,8 @@ class LabelledLoader(FDLoader):
 
     def __init__(self, files: FileList, transform, batch_size: int, *, seed: int, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, accum_steps: int = 1):
-        steps = EpochOrder(len(files), batch_size * accum_steps, seed=seed, rank=rank, world_size=world_size)
-        super().__init__(files, MicroBatches(steps, accum_steps), labeled=True, train=True)
+        steps = step_order(files, batch_size * accum_steps, seed=seed, rank=rank, world_size=world_size)
+        super().__init__(files, MicroBatches(steps, accum_steps), labeled=True)
         self.steps_per_epoch = steps.batches_per_epoch
         self.dataset, self.num_workers = LabelledImages(files, transform), num_workers
         self._iter = None

@@ -208,7 +208,7 @@ def load_timm_export(path) -> nn.Module:
 
 # ---- the timm model folder --------------------------------------------------------------------------------
 
-EVAL_CROP_PCT = 0.875  # the evaluation crop fdfast's loaders use (fdfast.data.base.EVAL_CROP_PCT)
+EVAL_CROP_PCT = 0.875  # the evaluation crop fine-tuning uses by default (fdfast.finetune.config: data.crop_pct)
 TIMM_DIR_FILES = ("config.json", "model.safetensors", "README.md")
 
 
