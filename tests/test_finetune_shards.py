@@ -4,7 +4,6 @@ bad members skipped and counted, one-line errors, and a tiny `fdfast finetune` o
 """
 import io
 import json
-import re
 import tarfile
 
 import numpy as np
@@ -21,7 +20,8 @@ from fdfast.finetune.config import FTDataConfig
 from fdfast.finetune.data import LabelledImages, build_transforms, load_splits
 from fdfast.finetune.loader import EvalBatches, LabelledLoader, ShardSteps
 
-from test_finetune import _colour_set, _student_cfg
+from test_finetune import _bad, _colour_set  # one line, exit 2, nothing written
+from test_finetune_dist import student  # noqa: F401 - the fixture: a tiny FD student file
 from test_shards import _jpeg, _tar, _write_classes
 
 SIZE = 16
@@ -195,22 +195,6 @@ def test_bad_members_are_skipped_and_counted(tmp_path):
 
 
 # -- `fdfast finetune` on shards -----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def student(tmp_path_factory):
-    """A tiny FD student file (shared RPB ViT, 32 px) with a run config naming its teacher."""
-    from fdfast.checkpoint import STUDENT_META_KEY
-    from fdfast.config import ModelConfig
-    from fdfast.io import atomic_save_safetensors
-    from fdfast.models.student import build_student
-    run = tmp_path_factory.mktemp("student")
-    cfg = _student_cfg()
-    torch.manual_seed(3)
-    atomic_save_safetensors(build_student(ModelConfig(**cfg)).state_dict(), run / "student.safetensors",
-                            metadata={STUDENT_META_KEY: json.dumps(cfg)})
-    (run / "config.yaml").write_text("teacher:\n  name: clip-vit-b16\nmodel:\n  img_size: 32\n")
-    return run
-
-
 def _ft(student, out, *data):
     return ["finetune", str(student), *data, "--out", str(out), "--batch-size", "4", "--set", "optim.epochs=2",
             "--set", "optim.warmup_epochs=1", "--set", "optim.base_lr=0.05", "--set", "runtime.precision=fp32",
@@ -245,13 +229,6 @@ def test_finetune_on_shards_equals_the_run_on_the_folder(student, tmp_path, caps
     assert json.loads((b / "model.json").read_text())["classes"] == ["a", "b", "c"]
     spec = str(train / "train-{000000..000000}.tar")  # the probes read shards too
     assert main(["knn", str(b / "best.safetensors"), "--data", spec, "--val", str(val), "--k", "2"]) == 0
-
-
-def _bad(capsys, argv, out, match):
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and re.search(match, err), err
-    assert not out.exists()
 
 
 def test_missing_shards_and_a_missing_val_split_are_one_line_exit_2(student, shards_dir, tmp_path, capsys):
