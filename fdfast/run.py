@@ -82,9 +82,11 @@ def adamw(groups: list, lr: float, betas, fused_setting: str, device: torch.devi
 
 
 def cosine_schedule(optimizer, total: int, warmup: int, min_lr: float, warmup_lr: float, warmup_prefix: bool = False):
-    """timm's per-step cosine with linear warmup (``step_update(n)`` sets the lr of step n + 1)."""
+    """timm's per-step cosine with linear warmup over ``total`` steps (``step_update(n)`` sets the lr of step n + 1),
+    ending at ``min_lr`` on the last step either way: ``warmup_prefix=False`` runs the warmup inside the cosine
+    (timm's ``train.py``), ``warmup_prefix=True`` starts the cosine after it (the fine-tuning recipes of BEiT / FD)."""
     from timm.scheduler import CosineLRScheduler
-    return CosineLRScheduler(optimizer, t_initial=total, lr_min=min_lr, warmup_t=warmup, warmup_lr_init=warmup_lr,
+    return CosineLRScheduler(optimizer, t_initial=total - warmup if warmup_prefix else total, lr_min=min_lr, warmup_t=warmup, warmup_lr_init=warmup_lr,
                              warmup_prefix=warmup_prefix, t_in_epochs=False)
 
 

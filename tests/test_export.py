@@ -92,7 +92,7 @@ def test_load_student_from_run_step_and_file(tmp_path):
             assert torch.equal(got.forward_features(x), want)
 
 
-def test_finetune_head_starts_from_the_final_norm(tmp_path):
+def test_finetune_head_gets_a_new_fc_norm(tmp_path):
     run, student = write_run(tmp_path, vit_cfg())
     out = export(run, tmp_path / "s.safetensors")
     with safe_open(str(out), framework="pt") as f:
@@ -101,7 +101,7 @@ def test_finetune_head_starts_from_the_final_norm(tmp_path):
     model = timm.create_model(meta["timm_model"], **dict(json.loads(meta["timm_kwargs"]), use_fc_norm=True,
                                                           num_classes=7))
     missing, unexpected = model.load_state_dict(finetune_state_dict(load_file(str(out))), strict=False)
-    assert sorted(missing) == ["head.bias", "head.weight"] and unexpected == []
+    assert sorted(missing) == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"] and unexpected == []
 
 
 def _official_fd_stage(student_ref):

@@ -42,8 +42,9 @@ def student_run(tmp_path_factory):
     cfg = _student_cfg()
     torch.manual_seed(3)
     student = build_student(ModelConfig(**cfg))
-    with torch.no_grad():  # a non-zero shared table, so the per-block copies are visible
-        student.rel_pos_bias.relative_position_bias_table.normal_()
+    with torch.no_grad():  # a non-zero shared table, so the per-block copies are visible; a final norm that is not
+        student.rel_pos_bias.relative_position_bias_table.normal_()  # LayerNorm(1, 0), so a new fc_norm is too
+        student.norm.weight.uniform_(2, 3)
     atomic_save_safetensors(student.state_dict(), run / "student.safetensors",
                             metadata={STUDENT_META_KEY: json.dumps(cfg)})
     (run / "config.yaml").write_text("teacher:\n  name: clip-vit-b16\nmodel:\n  img_size: 32\n")
@@ -130,8 +131,9 @@ def test_eval_normalisation_equals_train_normalisation(student_run, data_dir):
 
 
 def test_head_init_and_backbone_weights(student_run):
-    """Head = trunc_normal(0.02) x 0.001, bias 0; fc_norm starts as the student's final norm; every block gets a
-    copy of the shared relative position table; the other weights are the student's."""
+    """Head = trunc_normal(0.02) x 0.001, bias 0; a new fc_norm = LayerNorm(1, 0) where the final norm was (the
+    published FD / BEiT / MAE code, timm --gp avg); every block gets a copy of the shared relative position table;
+    the other weights are the student's."""
     from safetensors.torch import load_file
     sd = load_file(str(student_run / "student.safetensors"))
     clf = build_classifier(resolve_model(str(student_run)), 3, 32, head_init_scale=0.001)
@@ -139,12 +141,33 @@ def test_head_init_and_backbone_weights(student_run):
     w = m.head.weight.detach()
     assert w.shape == (3, 32) and torch.count_nonzero(m.head.bias) == 0
     assert 0.4 * 2e-5 < w.std().item() < 1.6 * 2e-5 and w.abs().max().item() <= 2 * 0.02 * 0.001 + 1e-12
-    assert torch.equal(m.fc_norm.weight, sd["norm.weight"]) and isinstance(m.norm, torch.nn.Identity)
+    assert isinstance(m.norm, torch.nn.Identity)
+    assert torch.equal(m.fc_norm.weight, torch.ones(32)) and torch.equal(m.fc_norm.bias, torch.zeros(32))
     table = sd["rel_pos_bias.relative_position_bias_table"]
     for blk in m.blocks:
         assert torch.equal(blk.attn.relative_position_bias_table, table)
     assert torch.equal(m.blocks[1].mlp.fc1.weight, sd["blocks.1.mlp.fc1.weight"])
     assert m.global_pool == "avg"
+
+
+def test_finetuned_classifier_and_swin_keep_their_norms():
+    """A fine-tuned classifier as MODEL loads its own fc_norm; a Swin (no pooled fc_norm) keeps its final norm."""
+    import timm
+    from fdfast.finetune.model import Backbone
+    vit = dict(embed_dim=16, depth=1, num_heads=2, img_size=32, patch_size=8, global_pool="avg", num_classes=3)
+    src = timm.create_model("vit_tiny_patch16_224", **vit)
+    with torch.no_grad():
+        src.fc_norm.weight.uniform_(2, 3)
+    clf = build_classifier(Backbone("vit_tiny_patch16_224", {k: v for k, v in vit.items() if k != "num_classes"},
+                                    src.state_dict(), (0.5,) * 3, (0.5,) * 3, 32, False, "ft"), 5, 32)
+    assert torch.equal(clf.model.fc_norm.weight, src.fc_norm.weight) and clf.model.head.out_features == 5
+    swin = dict(embed_dim=16, depths=(1, 1), num_heads=(2, 2), window_size=4, img_size=32, patch_size=4)
+    src = timm.create_model("swinv2_tiny_window8_256", num_classes=0, **swin)
+    with torch.no_grad():
+        src.norm.weight.uniform_(2, 3)
+    clf = build_classifier(Backbone("swinv2_tiny_window8_256", swin, src.state_dict(), (0.5,) * 3, (0.5,) * 3, 32,
+                                    True, "swin"), 3, 32)
+    assert torch.equal(clf.model.norm.weight, src.norm.weight) and clf.model.head.fc.out_features == 3
 
 
 def test_randaugment_full_magnitude_posterize_runs(data_dir):
@@ -386,3 +409,23 @@ def test_a_second_process_on_the_run_dir_stops(student_run, data_dir, tmp_path, 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "in use" in err
     assert sorted(p.name for p in out.iterdir()) == [".lock"]
+
+
+@pytest.mark.parametrize("warmup_prefix", [False, True])
+def test_cosine_schedule_warms_up_then_ends_at_min_lr(warmup_prefix):
+    """Both shapes reach the peak after the warmup and min_lr at the end of the run: a prefixed warmup shifts the
+    cosine, it does not cut it short (the fine-tuning schedule once ended at 4.6e-5 of a 1e-3 peak, issue 26)."""
+    from fdfast.run import cosine_schedule
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    total, warmup = 30, 4
+    sched = cosine_schedule(opt, total, warmup, min_lr=0.0, warmup_lr=1e-5, warmup_prefix=warmup_prefix)
+    lrs = []
+    for n in range(total + 1):  # step_update(n) sets the lr of step n + 1; n = total is just past the last step
+        sched.step_update(n)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(1e-5) and lrs[total] == pytest.approx(0.0, abs=1e-12)
+    assert all(a < b for a, b in zip(lrs[:warmup], lrs[1:warmup + 1]))  # rising warmup
+    assert all(a >= b for a, b in zip(lrs[warmup + 1:], lrs[warmup + 2:]))  # then falling to the end
+    # the peak: 1e-3 where the cosine starts after the warmup; inside it (timm), the cosine's value at step `warmup`
+    peak = 1e-3 if warmup_prefix else 0.5e-3 * (1 + math.cos(math.pi * warmup / total))
+    assert max(lrs) == lrs[warmup] == pytest.approx(peak, rel=1e-6)

@@ -5,7 +5,9 @@ MODEL is an FD run dir, a ``checkpoints/step-N`` dir, a student .safetensors (or
 folder (``local-dir:DIR``, e.g. ``fdfast export --to timm-dir``, or ``hf-hub:ORG/NAME`` from the Hugging Face
 cache), or a timm model name (random init: the baseline). The classifier is METHOD.md's: mean-pooled patch tokens ->
 fc_norm -> head (trunc-normal x ``head_init_scale``, bias 0); an FD student's shared relative position bias table is
-copied into every block's own table (``fdfast export`` does the same), and its final norm starts the fc_norm.
+copied into every block's own table (``fdfast export`` does the same). The fc_norm is new (LayerNorm weight 1,
+bias 0) in the place of the final norm, whose weights go unused: what the published FD, BEiT and MAE fine-tuning
+code and timm's ``train.py --gp avg`` do (issue 26 measured the alternative, starting it from the final norm).
 """
 from __future__ import annotations
 
@@ -167,10 +169,8 @@ def build_classifier(backbone: Backbone, num_classes: int, img_size: int | None 
     kwargs.update(_pooled_head_kwargs(cls, fc_norm))
     model = timm.create_model(backbone.timm_name, pretrained=False, **kwargs)
     if sd is not None:
-        if fc_norm and "fc_norm.weight" not in sd:  # the final norm starts the fc_norm (as timm does for EVA)
-            from fdfast.models.export import finetune_state_dict
-            sd = finetune_state_dict(sd)
-        load_backbone_strict(model, sd, backbone.source)
+        sd, new = _new_fc_norm(model, sd)
+        load_backbone_strict(model, sd, backbone.source, new)
     if num_classes > 0:
         init_head(model, head_init_scale)
     export_kwargs = {k: v for k, v in kwargs.items() if k != "drop_path_rate"}
@@ -190,6 +190,19 @@ def _pooled_head_kwargs(cls, fc_norm: bool) -> dict:
     return {}
 
 
+def _new_fc_norm(model: nn.Module, sd: dict) -> tuple[dict, set[str]]:
+    """(weights to load, keys that keep the model's own init): a pooled head's new fc_norm starts as LayerNorm(1, 0)
+    and the weights' final norm is dropped, its module being an Identity in this model.
+
+    Weights that carry an fc_norm (a fine-tuned classifier) load it; models whose final norm stays (Swin, CNNs,
+    the pooled features of knn / linprobe) load theirs."""
+    own = model.state_dict()
+    fc_norm = {k for k in own if k.startswith("fc_norm.")}
+    if not fc_norm or any(k.startswith("fc_norm.") for k in sd) or any(k.startswith("norm.") for k in own):
+        return sd, set()
+    return {k: v for k, v in sd.items() if not k.startswith("norm.")}, fc_norm
+
+
 def head_parameter_names(model: nn.Module) -> set[str]:
     head = model.get_classifier()
     ids = {id(p) for p in head.parameters()}
@@ -203,10 +216,10 @@ def _old_head_keys(model: nn.Module, sd: dict) -> set[str]:
     return {k for k in sd if any(k.startswith(n + ".") for n in names)}
 
 
-def load_backbone_strict(model: nn.Module, sd: dict, source: str) -> None:
-    """Every weight but the head comes from ``sd`` (an old head is dropped); a missing, extra or misshaped key is an
-    error listing the keys, never a silent partial load."""
-    head = head_parameter_names(model)
+def load_backbone_strict(model: nn.Module, sd: dict, source: str, new: set[str] = frozenset()) -> None:
+    """Every weight but the head and ``new`` (keys that keep the model's own init) comes from ``sd`` (an old head is
+    dropped); a missing, extra or misshaped key is an error listing the keys, never a silent partial load."""
+    head = head_parameter_names(model) | set(new)
     own = model.state_dict()
     drop = head | _old_head_keys(model, sd)
     sd = {k: v for k, v in sd.items() if k not in drop}

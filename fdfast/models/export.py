@@ -13,8 +13,8 @@ Identity and normalise only the pooled vector, changing the features; so the exp
 ``use_fc_norm=False, global_pool="avg", num_classes=0``: ``forward_features`` equals the student's tokens
 and the pooled feature is the mean of the normalised patch tokens. For the paper's fine-tuning head
 (mean pool -> fc_norm -> head) create the model with ``use_fc_norm=True, num_classes=N`` and load
-``finetune_state_dict(state_dict)``: the final norm's weights start the fc_norm (timm does the same for
-EVA-02 MIM weights), the head is new.
+``finetune_state_dict(state_dict)``: the final norm's weights are dropped (its module is an Identity there), the
+fc_norm and the head are new, as in the published FD / BEiT / MAE fine-tuning code and ``fdfast finetune``.
 
 ``--to fdfast`` writes a student.safetensors in fdfast's own format (``fdfast_model`` metadata), e.g. to
 fine-tune, diagnose or export an imported official FD checkpoint (fdfast.models.official).
@@ -124,8 +124,9 @@ def per_block_rel_pos_bias(sd: dict, depth: int) -> dict:
 
 
 def finetune_state_dict(sd: dict) -> dict:
-    """An exported ViT state dict for timm BEiT ``use_fc_norm=True``: the final norm starts the fc_norm."""
-    return {("fc_norm." + k[len("norm."):] if k.startswith("norm.") else k): v for k, v in sd.items()}
+    """An exported ViT state dict for timm BEiT ``use_fc_norm=True``: everything but the final norm (the fc_norm
+    and the head keep their new init)."""
+    return {k: v for k, v in sd.items() if not k.startswith("norm.")}
 
 
 def create_timm_model(timm_model: str, timm_kwargs: dict, device=None) -> nn.Module:
