@@ -8,7 +8,7 @@ on the same ImageFolder: the first ``--train-per-class`` training images of each
 26's: 112 px, batch 64, AdamW lr 1e-3 (fdfast: base_lr x 64 / lr_batch_ref), wd 0.05, layer decay 0.65, 2 warmup
 epochs from 1e-5 into a cosine ending at 0, drop path 0.1, label smoothing 0.1, RandAugment rand-m9-n2, random
 erasing 0.25, crop scale 0.08-1, no Mixup / CutMix, no clipping, a new head of trunc-normal std 0.02 (timm's init;
-``--head-init-scale 0.001`` for the paper's), seed 0; bf16 autocast where the device computes
+``--head-init-scale 0.001`` for the paper's), training interpolation random (timm's default), seed 0; bf16 autocast where the device computes
 in bf16 natively (a GPU, a CPU with AMX / AVX512-BF16), fp32 otherwise. timm's train.py is not part of fdfast:
 pass the file of a pytorch-image-models checkout (the installed timm package must be the one it belongs to).
 
@@ -37,7 +37,7 @@ def matched_settings(a: argparse.Namespace) -> dict:
     """The shared hyperparameters, in timm train.py's units (lr per step, not per 512 images)."""
     return dict(img_size=112, batch_size=a.batch_size, lr=1e-3, weight_decay=0.05, layer_decay=0.65, epochs=a.epochs,
                 warmup_epochs=2, warmup_lr=1e-5, min_lr=0.0, drop_path=0.1, smoothing=0.1, aa="rand-m9-n2",
-                reprob=0.25, scale=(0.08, 1.0), head_init_scale=a.head_init_scale, seed=a.seed, train_per_class=a.train_per_class,
+                reprob=0.25, scale=(0.08, 1.0), head_init_scale=a.head_init_scale, train_interpolation=a.train_interpolation, seed=a.seed, train_per_class=a.train_per_class,
                 val_per_class=a.val_per_class, precision=a.precision)
 
 
@@ -134,7 +134,7 @@ def run_fdfast(data: Path, out: Path, s: dict, device: str, workers: int, recipe
             "data.scale": list(s["scale"]), "data.mixup": 0.0, "data.cutmix": 0.0,
             "data.label_smoothing": s["smoothing"], "data.num_workers": workers, "data.seed": s["seed"],
             "model.drop_path": s["drop_path"], "model.layer_decay": s["layer_decay"],
-            "model.head_init_scale": s["head_init_scale"],
+            "model.head_init_scale": s["head_init_scale"], "data.train_interpolation": s["train_interpolation"],
             "optim.epochs": s["epochs"], "optim.warmup_epochs": s["warmup_epochs"], "optim.lr_batch_ref": ref,
             "optim.base_lr": s["lr"] * per_ref, "optim.warmup_lr": s["warmup_lr"] * per_ref,
             "optim.min_lr": s["min_lr"] * per_ref, "optim.weight_decay": s["weight_decay"],
@@ -181,6 +181,8 @@ def main(argv=None) -> int:
     p.add_argument("--val-per-class", type=int, default=0, help="0: the whole val split")
     p.add_argument("--batch-size", type=int, default=64, help="images per step (the lr stays 1e-3 per step)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-interpolation", choices=("random", "bicubic", "bilinear"), default="random",
+                   help="fdfast's training interpolation: random is timm train.py's default (the matched value)")
     p.add_argument("--head-init-scale", type=float, default=1.0,
                    help="fdfast's head init: trunc-normal std 0.02 x this. 1: timm train.py's own init (the matched "
                         "value); 0.001: the paper's, fdfast's recipes' default")

@@ -429,3 +429,19 @@ def test_cosine_schedule_warms_up_then_ends_at_min_lr(warmup_prefix):
     # the peak: 1e-3 where the cosine starts after the warmup; inside it (timm), the cosine's value at step `warmup`
     peak = 1e-3 if warmup_prefix else 0.5e-3 * (1 + math.cos(math.pi * warmup / total))
     assert max(lrs) == lrs[warmup] == pytest.approx(peak, rel=1e-6)
+
+
+@pytest.mark.parametrize("train_interp", [None, "bilinear", "random"])
+def test_train_interpolation_is_its_own_setting(train_interp):
+    """data.train_interpolation (timm train.py's --train-interpolation) sets the training crop and RandAugment's
+    geometric ops; evaluation keeps data.interpolation; unset, training uses data.interpolation too."""
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+    from torchvision.transforms import InterpolationMode
+    cfg = load_finetune_config("ft_demo", {"data.train_interpolation": train_interp} if train_interp else {})
+    train, evaluation = build_transforms(cfg.data, 32, (0.5,) * 3, (0.5,) * 3)
+    crop = next(t for t in train.transforms if isinstance(t, RandomResizedCropAndInterpolation))
+    want = {None: (InterpolationMode.BICUBIC,), "bilinear": (InterpolationMode.BILINEAR,),
+            "random": (InterpolationMode.BILINEAR, InterpolationMode.BICUBIC)}[train_interp]
+    assert tuple(crop.interpolation) == want if train_interp == "random" else crop.interpolation == want[0]
+    resize = evaluation.transforms[0]
+    assert resize.interpolation == InterpolationMode.BICUBIC

@@ -42,7 +42,9 @@ class FTDataConfig:
     auto_augment: str | None = AUTO_AUGMENT
     reprob: float = 0.25  # random erasing probability
     remode: Literal["pixel", "rand", "const"] = "pixel"
-    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"  # evaluation, and training unless set below
+    train_interpolation: Literal["bicubic", "bilinear", "random"] | None = None  # None: `interpolation`; random:
+    # bilinear or bicubic per image (timm train.py's default), in the crop and RandAugment's geometric ops
     crop_pct: float = 0.875  # evaluation: resize the short side to img_size / crop_pct, centre crop img_size
     mixup: float = 0.8  # Mixup alpha (0: off)
     cutmix: float = 1.0  # CutMix alpha (0: off)

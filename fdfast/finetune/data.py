@@ -102,12 +102,15 @@ def _first_per_class(files: FileList, n: int) -> FileList:
 def build_transforms(data_cfg, img_size: int, mean: tuple, std: tuple):
     """(train, eval) timm transforms; both normalise with ``mean`` / ``std``."""
     from timm.data import create_transform
-    common = dict(input_size=img_size, interpolation=data_cfg.interpolation, mean=tuple(mean), std=tuple(std))
+    common = dict(input_size=img_size, mean=tuple(mean), std=tuple(std))
     train = create_transform(is_training=True, scale=tuple(data_cfg.scale), hflip=data_cfg.hflip,
                              auto_augment=data_cfg.auto_augment, re_prob=data_cfg.reprob, re_mode=data_cfg.remode,
-                             re_count=1, color_jitter=0.0, **common)
+                             re_count=1, color_jitter=0.0,
+                             interpolation=getattr(data_cfg, "train_interpolation", None) or data_cfg.interpolation,
+                             **common)
     _posterize_keeps_one_bit(train)
-    return train, create_transform(is_training=False, crop_pct=data_cfg.crop_pct, **common)
+    return train, create_transform(is_training=False, crop_pct=data_cfg.crop_pct,
+                                   interpolation=data_cfg.interpolation, **common)
 
 
 class _AtLeastOneBit:
