@@ -77,6 +77,7 @@ class _View:
     mean: tuple
     std: tuple
     interpolation: str = "bicubic"
+    train_interpolation: str | None = None  # unused by the eval transform
     scale: tuple = (0.08, 1.0)  # unused by the eval transform
     hflip: float = 0.0
     auto_augment: str | None = None

@@ -106,7 +106,7 @@ def build_transforms(data_cfg, img_size: int, mean: tuple, std: tuple):
     train = create_transform(is_training=True, scale=tuple(data_cfg.scale), hflip=data_cfg.hflip,
                              auto_augment=data_cfg.auto_augment, re_prob=data_cfg.reprob, re_mode=data_cfg.remode,
                              re_count=1, color_jitter=0.0,
-                             interpolation=getattr(data_cfg, "train_interpolation", None) or data_cfg.interpolation,
+                             interpolation=data_cfg.train_interpolation or data_cfg.interpolation,
                              **common)
     _posterize_keeps_one_bit(train)
     return train, create_transform(is_training=False, crop_pct=data_cfg.crop_pct,
