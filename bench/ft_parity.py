@@ -82,7 +82,7 @@ def run_timm(train_py: Path, data: Path, out: Path, s: dict, device: str, worker
            "--sched", "cosine", "--sched-on-updates", "--epochs", str(s["epochs"]),
            "--warmup-epochs", str(s["warmup_epochs"]), "--warmup-lr", str(s["warmup_lr"]),
            "--min-lr", str(s["min_lr"]), "--drop-path", str(s["drop_path"]), "--smoothing", str(s["smoothing"]),
-           "--aa", s["aa"], "--reprob", str(s["reprob"]), "--scale", *map(str, s["scale"]),
+           "--aa", s["aa"], "--train-interpolation", s["train_interpolation"], "--reprob", str(s["reprob"]), "--scale", *map(str, s["scale"]),
            "--mixup", "0", "--cutmix", "0", "--seed", str(s["seed"]), "--device", device, "-j", str(workers),
            "--checkpoint-hist", "1", "--output", str(out), "--experiment", name]
     if s["precision"] == "bf16":
@@ -90,16 +90,19 @@ def run_timm(train_py: Path, data: Path, out: Path, s: dict, device: str, worker
     t0 = time.time()
     with open(out / "timm.log", "w") as log:
         subprocess.run(cmd, cwd=out, stdout=log, stderr=subprocess.STDOUT, check=True)
-    with open(out / name / "summary.csv") as f:
-        top1 = [round(float(r["eval_top1"]), 2) for r in csv.DictReader(f)]
-    return {"top1": top1, "wall_s": round(time.time() - t0),
+    return {"top1": timm_top1(out / name), "wall_s": round(time.time() - t0),
             "command": _portable(cmd[2:], {data: "DATA", out: "OUT", teacher_weights(): "WEIGHTS"})}
 
 
-TIMM_ARGS = {"lr": "lr", "batch_size": "batch_size", "epochs": "epochs", "weight_decay": "weight_decay",
-             "layer_decay": "layer_decay", "warmup_epochs": "warmup_epochs", "warmup_lr": "warmup_lr",
-             "min_lr": "min_lr", "drop_path": "drop_path", "smoothing": "smoothing", "aa": "aa", "reprob": "reprob",
-             "scale": "scale", "seed": "seed", "img_size": "img_size"}  # matched_settings key -> args.yaml key
+TIMM_ARGS = ("lr", "batch_size", "epochs", "weight_decay", "layer_decay", "warmup_epochs", "warmup_lr", "min_lr",
+             "drop_path", "smoothing", "aa", "reprob", "scale", "seed", "img_size", "train_interpolation")
+# matched_settings keys that train.py's args.yaml holds under the same name
+
+
+def timm_top1(run: Path) -> list[float]:
+    """Top-1 per epoch from a train.py output folder's summary.csv."""
+    with open(run / "summary.csv") as f:
+        return [round(float(r["eval_top1"]), 2) for r in csv.DictReader(f)]
 
 
 def read_timm_run(run: Path, s: dict) -> dict:
@@ -107,9 +110,8 @@ def read_timm_run(run: Path, s: dict) -> dict:
     ran the matched settings: a 15-epoch CPU run takes hours, so one run serves several fdfast rows."""
     import yaml
     args = yaml.safe_load((run / "args.yaml").read_text())
-    wrong = {k: (args.get(t), s[k]) for k, t in TIMM_ARGS.items()
-             if (list(args.get(t)) if isinstance(args.get(t), (list, tuple)) else args.get(t))
-             != (list(s[k]) if isinstance(s[k], tuple) else s[k])}
+    plain = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # YAML lists vs this bench's tuples
+    wrong = {k: (args.get(k), s[k]) for k in TIMM_ARGS if plain(args.get(k)) != plain(s[k])}
     wrong.update({k: (args.get(k), v) for k, v in (("model", "vit_small_patch14_dinov2"), ("gp", "avg"),
                                                     ("opt", "adamw"), ("sched_on_updates", True), ("mixup", 0.0),
                                                     ("cutmix", 0.0), ("clip_grad", None)) if args.get(k) != v})
@@ -118,8 +120,7 @@ def read_timm_run(run: Path, s: dict) -> dict:
         wrong["precision"] = (amp, s["precision"])
     if wrong:
         raise SystemExit(f"--timm-run {run.name}: not the matched settings (train.py's value, this bench's): {wrong}")
-    with open(run / "summary.csv") as f:
-        top1 = [round(float(r["eval_top1"]), 2) for r in csv.DictReader(f)]
+    top1 = timm_top1(run)
     if len(top1) != s["epochs"]:
         raise SystemExit(f"--timm-run {run.name}: {len(top1)} epochs in summary.csv, {s['epochs']} expected")
     return {"top1": top1, "wall_s": None, "reused_run": run.name}
